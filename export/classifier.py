@@ -1,0 +1,127 @@
+"""Recipe: train the shape classifier on synthetic scenes, gate it, write it to a repository."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.data import SHAPES, classification_arrays, make_scenes
+from export.models import ShapeClassifier
+from export.onnx_export import (
+    OPSET,
+    ort_predict,
+    parity,
+    session,
+    set_metadata,
+    to_onnx,
+    write_atomically,
+)
+from export.train import TrainConfig, predict, seed_everything, train_classifier
+from server.metadata import InputSpec, ModelMeta
+from server.tasks.image import normalize
+
+INPUT_SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+TEST_SEED = 1_000_003  # held-out scenes come from a seed training never uses
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    seed: int = 0
+    epochs: int = 10
+    train_per_epoch: int = 8192
+    test_size: int = 2000
+    width: int = 16
+    gate: float = 0.95  # held-out accuracy below this: the model is not written
+    tolerance: float = 1e-4  # max |torch - onnxruntime| on logits
+
+
+@dataclass(frozen=True)
+class ClassifierReport:
+    path: Path | None
+    accuracy_torch: float
+    accuracy_onnx: float
+    max_abs_diff: float
+    gate: float
+    seconds: float
+    written: bool
+    reason: str = ""
+
+    def summary(self) -> str:
+        verdict = f"written to {self.path}" if self.written else f"NOT written: {self.reason}"
+        return (
+            f"classifier: held-out accuracy {self.accuracy_onnx:.4f} (onnxruntime), "
+            f"{self.accuracy_torch:.4f} (torch), gate {self.gate:.2f}; "
+            f"ORT-vs-torch max abs diff {self.max_abs_diff:.2e}; {self.seconds:.0f}s; {verdict}"
+        )
+
+
+def _tensors(count: int, seed: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = classification_arrays(make_scenes(count, seed, start=start, size=INPUT_SPEC.size[0]))
+    return normalize(images, INPUT_SPEC), labels
+
+
+def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = True) -> ClassifierReport:
+    """Train, check and (if it passes) write ``out/classifier/1/model.onnx``."""
+    recipe = recipe or ClassifierRecipe()
+    started = time.monotonic()
+    seed_everything(recipe.seed)
+    x_test, y_test = _tensors(recipe.test_size, TEST_SEED)
+    model = ShapeClassifier(len(SHAPES), width=recipe.width)
+
+    def epoch_data(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _tensors(recipe.train_per_epoch, recipe.seed, start=epoch * recipe.train_per_epoch)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def accuracy(m: torch.nn.Module) -> float:
+        return float((predict(m, torch.from_numpy(x_test)).argmax(1) == y_test).mean())
+
+    train_classifier(
+        model,
+        epoch_data,
+        steps_per_epoch=max(1, recipe.train_per_epoch // 128),
+        config=TrainConfig(epochs=recipe.epochs),
+        evaluate=accuracy,
+        progress=progress,
+    )
+    acc_torch = accuracy(model)
+
+    input_name, output_name = "images", "logits"
+    proto = to_onnx(model, torch.from_numpy(x_test[:2]), input_name, output_name)
+    sess = session(proto)
+    acc_onnx = float((ort_predict(sess, x_test).argmax(1) == y_test).mean())
+    rng = np.random.default_rng(recipe.seed)
+    probes = [x_test[:1], x_test[:7], rng.normal(0, 1, (5, *x_test.shape[1:])).astype(np.float32)]
+    check = parity(model, sess, probes, recipe.tolerance)
+    meta = ModelMeta(
+        task="classification",
+        labels=SHAPES,
+        input=INPUT_SPEC,
+        output_kind="logits",
+        extra={
+            "optic.eval.accuracy": f"{acc_onnx:.4f}",
+            "optic.eval.split": f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}",
+            "optic.export.parity_max_abs_diff": f"{check.max_abs_diff:.3e}",
+            "optic.export.opset": str(OPSET),
+        },
+    )
+    set_metadata(proto, meta.to_props(), doc="Optic shape classifier (synthetic scenes)")
+    report = ClassifierReport(
+        path=out / "classifier" / "1" / "model.onnx",
+        accuracy_torch=acc_torch,
+        accuracy_onnx=acc_onnx,
+        max_abs_diff=check.max_abs_diff,
+        gate=recipe.gate,
+        seconds=time.monotonic() - started,
+        written=False,
+    )
+    if not check.ok:
+        return replace(report, reason=f"parity {check.max_abs_diff:.2e} > tolerance {check.tolerance:.0e}")
+    if acc_onnx < recipe.gate:
+        return replace(report, reason=f"held-out accuracy {acc_onnx:.4f} < gate {recipe.gate:.2f}")
+    assert report.path is not None
+    write_atomically(proto, report.path)
+    return replace(report, written=True)

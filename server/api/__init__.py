@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf messages in, engine calls, protobuf messages out."""

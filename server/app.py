@@ -1,0 +1,132 @@
+"""Assembly: the gRPC server with both APIs, health, reflection and metrics, and its lifecycle.
+
+Health answers NOT_SERVING while models load and again once draining starts,
+so Kubernetes probes and load balancers see the truth; SIGTERM/SIGINT drain
+in-flight requests and then return normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.api.kserve import KServeServicer
+from server.api.vision import VisionServicer
+from server.metrics import serve_metrics
+from server.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.proto.optic.v1 import vision_pb2, vision_pb2_grpc
+from server.repository import ModelRepository
+from server.runtime import RuntimeOptions, default_threads
+from server.scheduler import BatchingConfig
+from server.tasks.image import ImageLimits
+
+log = logging.getLogger(__name__)
+
+KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+VISION_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
+
+
+@dataclass
+class ServerConfig:
+    model_repo: Path = Path("model_repo")
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002  # 0: no metrics endpoint
+    metrics_host: str = "0.0.0.0"
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_message_bytes: int = 64 * 1024 * 1024
+    preprocess_threads: int = 0  # 0: one per usable core
+    grace_seconds: float = 30.0
+
+
+class OpticServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.repo = ModelRepository(config.model_repo, config.runtime, config.batching)
+        self.health = health.aio.HealthServicer()
+        self.draining = False
+        self.port = 0
+        self._stopped = asyncio.Event()
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.preprocess_threads or default_threads(), thread_name_prefix="preprocess"
+        )
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.grpc = grpc.aio.server(options=options)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.repo, lambda: self.draining), self.grpc
+        )
+        vision_pb2_grpc.add_VisionServicer_to_server(
+            VisionServicer(self.repo, self._pool, config.image_limits), self.grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (KSERVE_SERVICE, VISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", KSERVE_SERVICE, VISION_SERVICE):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        """Listen first (health says NOT_SERVING), then load models, then say SERVING."""
+        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.grpc_port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        if self.config.metrics_port:
+            serve_metrics(self.config.metrics_port, self.config.metrics_host)
+        log.info(
+            "gRPC on %s:%d, metrics on :%d; loading %s",
+            self.config.host,
+            self.port,
+            self.config.metrics_port,
+            self.config.model_repo,
+        )
+        await asyncio.get_running_loop().run_in_executor(None, self.repo.load_all)
+        self.repo.start()
+        if self.repo.models:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", ", ".join(f"{m.name}:{m.version}" for m in self.repo.models.values()) or "no models")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Readiness off, refuse new calls, let in-flight ones finish (up to ``grace`` s), release models."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        await self.repo.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        await self._stopped.wait()
+
+
+def run(config: ServerConfig) -> None:
+    async def main() -> None:
+        # Built inside the loop: grpc.aio and the health servicer bind to the running loop.
+        await OpticServer(config).serve_forever()
+
+    asyncio.run(main())

@@ -1,0 +1,142 @@
+"""The ``optic`` command: serve, export, infer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.runtime import DEVICES, RuntimeOptions
+from server.scheduler import BatchingConfig
+from server.tasks.image import ImageLimits
+
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repo", type=Path, default=Path("model_repo"), help="model repository directory")
+    p.add_argument("--host", default="0.0.0.0", help="address the gRPC port binds to")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus /metrics (0: off)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics port binds to")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="execution provider (auto: CUDA if present)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="largest dynamic batch (0: no batching)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-queue-size", type=int, default=1024, help="queued requests per model before refusing")
+    p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per batch (0: auto)")
+    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message accepted")
+    p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from server.app import ServerConfig, run
+
+    for flag in ("max_batch_size", "max_queue_size", "instances", "intra_op_threads", "max_image_pixels"):
+        if getattr(args, flag) < (1 if flag in ("instances", "max_queue_size", "max_image_pixels") else 0):
+            print(f"optic serve: --{flag.replace('_', '-')} is out of range", file=sys.stderr)
+            return 2
+    max_bytes = int(args.max_message_mb * 1024 * 1024)
+    config = ServerConfig(
+        model_repo=args.model_repo,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        runtime=RuntimeOptions(device=args.device, intra_op_threads=args.intra_op_threads),
+        batching=BatchingConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue_delay=args.max_queue_delay_ms / 1000.0,
+            max_queue_size=args.max_queue_size,
+            instances=args.instances,
+        ),
+        image_limits=ImageLimits(max_bytes=max_bytes, max_pixels=args.max_image_pixels),
+        max_message_bytes=max_bytes,
+        grace_seconds=args.grace_seconds,
+    )
+    if not args.model_repo.is_dir():
+        print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+def infer(args: argparse.Namespace) -> int:
+    import grpc
+
+    from server.client import VisionClient
+
+    results = {}
+    with VisionClient(args.url, timeout=args.timeout) as client:
+        for image in args.images:
+            try:
+                labels = client.classify(Path(image).read_bytes(), model=args.model, top_k=args.top_k)
+            except OSError as exc:
+                print(f"{image}: {exc}", file=sys.stderr)
+                return 1
+            except grpc.RpcError as exc:
+                print(f"{image}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            results[image] = labels
+    if args.json:
+        print(json.dumps({k: [vars(x) for x in v] for k, v in results.items()}, indent=2))
+        return 0
+    for image, labels in results.items():
+        print(image)
+        for x in labels:
+            print(f"  {x.score:7.4f}  {x.label} ({x.class_id})")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    try:
+        from export import cli
+    except ImportError as exc:
+        print(f"optic export needs the export extra (pip install -e '.[export]'): {exc}", file=sys.stderr)
+        return 2
+    return cli.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optic", description="Serve computer-vision models over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve a model repository")
+    _serve_args(p)
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("export", help="train/export models into a repository (needs the export extra)")
+    try:
+        from export.cli import add_arguments
+    except ImportError:  # keep `optic --help` working without the extra; run() explains
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_arguments(p)
+    p.set_defaults(func=export)
+
+    p = sub.add_parser("infer", help="send images to a running server")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--url", default=f"localhost:{DEFAULT_GRPC_PORT}", help="server host:port")
+    p.add_argument("--model", default="classifier")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The self-describing model contract: ONNX ``metadata_props`` keys and their meaning.
+
+The export stage writes these keys; the server reads them to pick pre- and
+post-processing. Models exported by Ultralytics carry their own keys
+(``names``, ``imgsz``, ``task``); those are understood as a fallback so such a
+file serves without a config.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+TASK = "optic.task"
+LABELS = "optic.labels"
+INPUT_SIZE = "optic.input.size"
+INPUT_COLOR = "optic.input.color"
+INPUT_RESIZE = "optic.input.resize"
+INPUT_SCALE = "optic.input.scale"
+INPUT_MEAN = "optic.input.mean"
+INPUT_STD = "optic.input.std"
+INPUT_LAYOUT = "optic.input.layout"
+OUTPUT_KIND = "optic.output.kind"
+
+TASKS = ("classification", "detection", "segmentation", "captioning")
+_ULTRALYTICS_TASKS = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
+RESIZE_MODES = ("stretch", "letterbox", "center_crop")
+COLORS = ("RGB", "BGR")
+OUTPUT_KINDS = ("logits", "probabilities")
+
+
+class MetadataError(ValueError):
+    """A metadata value is missing or malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the model's input tensor."""
+
+    size: tuple[int, int]  # (height, width)
+    color: str = "RGB"
+    resize: str = "stretch"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    layout: str = "NCHW"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    task: str | None = None
+    labels: tuple[str, ...] = ()
+    input: InputSpec | None = None
+    output_kind: str = "logits"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def to_props(self) -> dict[str, str]:
+        """The ``metadata_props`` entries that describe this model."""
+        props: dict[str, str] = dict(self.extra)
+        if self.task:
+            props[TASK] = self.task
+        if self.labels:
+            props[LABELS] = json.dumps(list(self.labels))
+        if self.input:
+            spec = self.input
+            props |= {
+                INPUT_SIZE: json.dumps(list(spec.size)),
+                INPUT_COLOR: spec.color,
+                INPUT_RESIZE: spec.resize,
+                INPUT_SCALE: repr(spec.scale),
+                INPUT_MEAN: json.dumps(list(spec.mean)),
+                INPUT_STD: json.dumps(list(spec.std)),
+                INPUT_LAYOUT: spec.layout,
+            }
+        props[OUTPUT_KIND] = self.output_kind
+        return props
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> ModelMeta:
+        """Parse ours, falling back to Ultralytics' keys; raises :class:`MetadataError`."""
+        task = props.get(TASK) or _ULTRALYTICS_TASKS.get(props.get("task", ""))
+        if task is not None and task not in TASKS:
+            raise MetadataError(f"metadata {TASK!r} is {task!r}; expected one of {', '.join(TASKS)}")
+        if LABELS in props:
+            labels = _json(props, LABELS, list)
+        elif "names" in props:  # Ultralytics: a Python dict literal {0: 'person', ...}
+            names = _literal(props, "names")
+            labels = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+        else:
+            labels = []
+        if not all(isinstance(x, str) for x in labels):
+            raise MetadataError(f"metadata {LABELS!r} must be a list of strings")
+        spec: InputSpec | None = None
+        if INPUT_SIZE in props:
+            spec = InputSpec(
+                size=_size(_json(props, INPUT_SIZE, list), INPUT_SIZE),
+                color=_choice(props, INPUT_COLOR, COLORS, "RGB"),
+                resize=_choice(props, INPUT_RESIZE, RESIZE_MODES, "stretch"),
+                scale=_float(props, INPUT_SCALE, 1.0 / 255.0),
+                mean=_triple(props, INPUT_MEAN, (0.0, 0.0, 0.0)),
+                std=_triple(props, INPUT_STD, (1.0, 1.0, 1.0)),
+                layout=_choice(props, INPUT_LAYOUT, ("NCHW", "NHWC"), "NCHW"),
+            )
+            if any(s == 0 for s in spec.std):
+                raise MetadataError(f"metadata {INPUT_STD!r} must not contain 0")
+        elif "imgsz" in props:  # Ultralytics: letterboxed RGB scaled to [0, 1]
+            imgsz = _literal(props, "imgsz")
+            spec = InputSpec(
+                size=_size(imgsz if isinstance(imgsz, list) else [imgsz, imgsz], "imgsz"), resize="letterbox"
+            )
+        output_kind = _choice(props, OUTPUT_KIND, OUTPUT_KINDS, "logits")
+        return cls(task, tuple(labels), spec, output_kind, {})
+
+
+def _json(props: Mapping[str, str], key: str, kind: type) -> list:
+    try:
+        value = json.loads(props[key])
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"metadata {key!r} is not valid JSON: {exc}") from exc
+    if not isinstance(value, kind):
+        raise MetadataError(f"metadata {key!r} must be a JSON {kind.__name__}")
+    return value
+
+
+def _literal(props: Mapping[str, str], key: str) -> object:
+    try:
+        return ast.literal_eval(props[key])
+    except (ValueError, SyntaxError) as exc:
+        raise MetadataError(f"metadata {key!r} is not a literal: {props[key]!r}") from exc
+
+
+def _size(value: list, key: str) -> tuple[int, int]:
+    if len(value) != 2 or not all(isinstance(v, int) and 0 < v <= 16384 for v in value):
+        raise MetadataError(f"metadata {key!r} must be [height, width] with positive integers")
+    return (value[0], value[1])
+
+
+def _choice(props: Mapping[str, str], key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = props.get(key, default)
+    if value not in allowed:
+        raise MetadataError(f"metadata {key!r} is {value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+def _float(props: Mapping[str, str], key: str, default: float) -> float:
+    try:
+        return float(props.get(key, default))
+    except ValueError as exc:
+        raise MetadataError(f"metadata {key!r} must be a number") from exc
+
+
+def _triple(props: Mapping[str, str], key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if key not in props:
+        return default
+    value = _json(props, key, list)
+    if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+        raise MetadataError(f"metadata {key!r} must be a list of 3 numbers")
+    return (float(value[0]), float(value[1]), float(value[2]))

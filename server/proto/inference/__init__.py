@@ -1,0 +1,1 @@
+"""Generated from protos/ by server.codegen; do not edit."""

@@ -1,0 +1,109 @@
+"""onnxruntime sessions: provider choice, threading, tensor specs, warm-up.
+
+Knows nothing of gRPC or images; ``run`` is called from a worker thread
+(onnxruntime releases the GIL while it computes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.errors import InvalidArgument
+from server.tensors import DATATYPES, ORT_DATATYPES
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # KServe v2 name
+    shape: tuple[int, ...]  # -1 where the model leaves the size open
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "cpu"
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    inter_op_threads: int = 0
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for ``--device``; ``cuda`` without CUDA is an error, ``auto`` falls back."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError(
+            "--device cuda: this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu"
+        )
+    log.warning("--device auto: CUDAExecutionProvider not available, running on CPU")
+    return ["CPUExecutionProvider"]
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    datatype = ORT_DATATYPES.get(arg.type)
+    if datatype is None:
+        raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which Optic cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxModel:
+    """One ONNX file loaded into one onnxruntime session."""
+
+    def __init__(self, path: Path, options: RuntimeOptions | None = None) -> None:
+        options = options or RuntimeOptions()
+        self.path = path
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=providers_for(options.device))
+        self.providers: list[str] = self.session.get_providers()
+        self.inputs = [_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self.metadata_props: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def batchable(self) -> bool:
+        """Axis 0 of every input and output is open, so requests can be stacked along it."""
+        return all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs else [t.name for t in self.outputs]
+        try:
+            values = self.session.run(names, dict(feeds))
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as exc:
+            raise InvalidArgument(f"model {self.path.parent.parent.name!r} rejected the input: {exc}") from exc
+        return dict(zip(names, values, strict=True))
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run zeros through the graph so the first real request pays no lazy initialisation."""
+        for n in batch_sizes:
+            feeds = {}
+            for spec in self.inputs:
+                dims = [n if i == 0 and self.batchable else (d if d > 0 else 1) for i, d in enumerate(spec.shape)]
+                feeds[spec.name] = np.zeros(dims, dtype=DATATYPES[spec.datatype])
+            self.run(feeds)
+
+
+def default_threads() -> int:
+    """Cores this process may use (cgroup/affinity aware), for sizing thread pools."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,243 @@
+"""Per-model dynamic batching: one small policy object, nothing else.
+
+Requests queue with their own future and deadline. One scheduling task per
+model waits until an execution slot is free, takes the oldest live request,
+gathers compatible requests (same input names, dtypes and non-batch shapes)
+until the batch is full or the oldest has waited ``max_queue_delay``, then
+runs the stacked batch in a worker thread and splits the outputs back. While a
+batch runs, the next one accumulates, so under load batches fill by
+themselves and at low load a lone request waits at most ``max_queue_delay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, Internal, InvalidArgument, OpticError, ResourceExhausted, Unavailable
+
+Tensors = dict[str, np.ndarray]
+RunFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports what it did (metrics); it knows nothing more about them."""
+
+    def observe_queue(self, seconds: float) -> None: ...
+    def observe_batch(self, size: int, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32  # 0: the model cannot batch; each request runs alone
+    max_queue_delay: float = 0.002  # seconds the oldest request may wait for company
+    max_queue_size: int = 1024  # queued requests beyond this are refused (backpressure)
+    instances: int = 1  # batches allowed to run at once
+
+
+@dataclass
+class _Pending:
+    inputs: Tensors
+    size: int  # samples along axis 0
+    key: tuple
+    future: asyncio.Future[Tensors]
+    enqueued: float
+    deadline: float | None
+    started: float = field(default=0.0)
+
+
+def _batch_key(inputs: Mapping[str, np.ndarray]) -> tuple:
+    return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in inputs.items()))
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        name: str,
+        run: RunFn,
+        config: BatchingConfig,
+        executor: Executor,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._run = run
+        self._executor = executor
+        self._observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(max(1, config.instances))
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
+
+    async def close(self) -> None:
+        """Refuse new work, let queued and running batches finish, then stop the scheduler."""
+        self._closed = True
+        while self._queue or self._running:
+            self._arrived.set()
+            await asyncio.sleep(0.005)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    async def infer(self, inputs: Tensors, timeout: float | None = None) -> Tensors:
+        """Queue one request (axis 0 is its batch) and wait for its own slice of the outputs."""
+        if self._closed:
+            raise Unavailable(f"model {self.name!r} is shutting down")
+        if self._loop_task is None:
+            raise Unavailable(f"model {self.name!r} is not started")
+        sizes = {a.shape[0] if a.ndim else 1 for a in inputs.values()}
+        if self.config.max_batch_size > 0:
+            if len(sizes) != 1:
+                raise InvalidArgument(f"inputs disagree on the batch dimension: {sorted(sizes)}")
+            size = sizes.pop()
+            if not 1 <= size <= self.config.max_batch_size:
+                raise InvalidArgument(
+                    f"batch of {size} for model {self.name!r}; it takes 1 to {self.config.max_batch_size}"
+                )
+        else:
+            size = 1
+        if len(self._queue) >= self.config.max_queue_size:
+            raise ResourceExhausted(
+                f"model {self.name!r} has {len(self._queue)} requests queued (limit {self.config.max_queue_size}); "
+                "retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = _Pending(
+            inputs,
+            size,
+            _batch_key(inputs) if self.config.max_batch_size > 0 else (),
+            loop.create_future(),
+            now,
+            None if timeout is None else now + timeout,
+        )
+        self._queue.append(item)
+        self._arrived.set()
+        # If the caller is cancelled (client gone), the future is cancelled too and
+        # the scheduler drops the request before it reaches the session.
+        return await item.future
+
+    def _live(self, item: _Pending, now: float) -> bool:
+        if item.future.done():  # cancelled by its caller
+            return False
+        if item.deadline is not None and now >= item.deadline:
+            waited = (now - item.enqueued) * 1e3
+            item.future.set_exception(
+                DeadlineExceeded(f"request to {self.name!r} expired after {waited:.1f} ms in the queue")
+            )
+            return False
+        return True
+
+    def _take(self, key: tuple | None, room: int) -> list[_Pending]:
+        """Remove from the queue, oldest first, live requests matching ``key`` that fit in ``room``."""
+        taken: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        now = time.monotonic()
+        while self._queue:
+            item = self._queue.popleft()
+            if not self._live(item, now):
+                continue
+            if key is None:
+                key = item.key
+            if item.key == key and item.size <= room:
+                taken.append(item)
+                room -= item.size
+                if self.config.max_batch_size <= 0:
+                    break
+            else:
+                kept.append(item)
+            if room <= 0:
+                break
+        kept.extend(self._queue)
+        self._queue = kept
+        return taken
+
+    async def _schedule(self) -> None:
+        cap = max(1, self.config.max_batch_size)
+        while True:
+            await self._slots.acquire()
+            batch: list[_Pending] = []
+            while not batch:
+                batch = self._take(None, cap)
+                if not batch:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+            size = sum(p.size for p in batch)
+            flush_at = batch[0].enqueued + self.config.max_queue_delay
+            while size < cap and self.config.max_batch_size > 0:
+                more = self._take(batch[0].key, cap - size)
+                batch += more
+                size += sum(p.size for p in more)
+                remaining = flush_at - time.monotonic()
+                if size >= cap or remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        try:
+            started = time.monotonic()
+            for p in batch:
+                p.started = started
+                if self._observer:
+                    self._observer.observe_queue(started - p.enqueued)
+            if len(batch) == 1:
+                feeds: Mapping[str, np.ndarray] = batch[0].inputs
+            else:
+                feeds = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            loop = asyncio.get_running_loop()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+            except OpticError as exc:
+                self._fail(batch, exc)
+                return
+            except Exception as exc:  # a model failing at run time fails only its batch
+                self._fail(batch, Internal(f"model {self.name!r} failed: {type(exc).__name__}: {exc}"))
+                return
+            total = sum(p.size for p in batch)
+            if self.config.max_batch_size > 0:
+                wrong = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != total}
+                if wrong:
+                    self._fail(batch, Internal(f"model {self.name!r} returned {wrong} for a batch of {total}"))
+                    return
+            if self._observer:
+                self._observer.observe_batch(total, time.monotonic() - started)
+            offset = 0
+            for p in batch:
+                if not p.future.done():
+                    if self.config.max_batch_size > 0:
+                        p.future.set_result({k: v[offset : offset + p.size] for k, v in outputs.items()})
+                    else:
+                        p.future.set_result(dict(outputs))
+                offset += p.size
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: OpticError) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(exc)

@@ -1,0 +1,1 @@
+"""Pre- and post-processing per task: pure functions on bytes and numpy arrays."""

@@ -1,0 +1,117 @@
+"""A real `optic serve` process on loopback ports, over the committed model repository.
+
+The server runs in its own process (as in production) so that the tests can
+use the stock tritonclient, whose generated `inference` protobuf module
+cannot share a process with the server's.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPO = ROOT / "model_repo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.url) as ch:
+            return (
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            )
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO) -> RunningServer:
+    grpc_port, metrics_port = free_port(), free_port()
+    log_path = log_dir / f"server-{grpc_port}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--model-repo",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--metrics-host",
+        "127.0.0.1",
+        *extra,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    server = RunningServer(proc, grpc_port, metrics_port, log_path)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"optic serve exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if server.health() == health_pb2.HealthCheckResponse.SERVING:
+                return server
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"optic serve did not become SERVING in time:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    # A longer queue delay than the default makes batching under concurrency certain.
+    srv = start_server(tmp_path_factory.mktemp("server"), "--max-queue-delay-ms", "20", "--max-batch-size", "32")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt, **kwargs)
+    return buf.getvalue()

@@ -1,0 +1,158 @@
+"""DynamicBatcher on its own: a real numpy model function, no server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
+from server.scheduler import BatchingConfig, DynamicBatcher
+
+
+class Recorder:
+    """A deterministic 'model' (y = 2x + row sum) that records the batch sizes it ran."""
+
+    def __init__(self, delay: float = 0.0, fail_on: float | None = None) -> None:
+        self.sizes: list[int] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, feeds):
+        x = feeds["x"]
+        with self.lock:
+            self.sizes.append(x.shape[0])
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError("poisoned input")
+        return {"y": 2 * x, "s": x.reshape(len(x), -1).sum(1)}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_batcher(model, config, body):
+    with ThreadPoolExecutor(2) as pool:
+        batcher = DynamicBatcher("m", model, config, pool)
+        batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.close()
+
+
+def test_concurrent_requests_share_batches_and_split_back():
+    model = Recorder(delay=0.01)
+    inputs = [np.full((1 + i % 3, 4), i, np.float32) for i in range(64)]
+
+    async def body(b):
+        return await asyncio.gather(*(b.infer({"x": x}) for x in inputs))
+
+    results = run(_with_batcher(model, BatchingConfig(max_batch_size=16, max_queue_delay=0.01), body))
+    for x, out in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(out["y"], 2 * x)
+        np.testing.assert_array_equal(out["s"], x.sum(1))
+    assert sum(model.sizes) == sum(len(x) for x in inputs)
+    assert max(model.sizes) > 1 and max(model.sizes) <= 16
+    assert len(model.sizes) < 64
+
+
+def test_different_shapes_are_not_mixed():
+    model = Recorder()
+    small = [np.full((1, 2), i, np.float32) for i in range(5)]
+    large = [np.full((1, 3), i, np.float32) for i in range(5)]
+
+    async def body(b):
+        return await asyncio.gather(*(b.infer({"x": x}) for pair in zip(small, large, strict=True) for x in pair))
+
+    results = run(_with_batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay=0.02), body))
+    for x, out in zip([x for pair in zip(small, large, strict=True) for x in pair], results, strict=True):
+        np.testing.assert_array_equal(out["y"], 2 * x)
+    assert sorted(model.sizes) == [5, 5]
+
+
+def test_full_queue_is_refused_immediately():
+    model = Recorder(delay=0.2)
+
+    async def body(b):
+        def submit() -> asyncio.Future:
+            return asyncio.ensure_future(b.infer({"x": np.zeros((1, 1), np.float32)}))
+
+        running = submit()
+        await asyncio.sleep(0.05)  # the first batch is running: the queue is empty again
+        queued = [submit(), submit()]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ResourceExhausted, match="2 requests queued"):
+            await b.infer({"x": np.zeros((1, 1), np.float32)})
+        await asyncio.gather(running, *queued)  # the accepted ones still complete
+
+    run(_with_batcher(model, BatchingConfig(max_batch_size=1, max_queue_delay=0, max_queue_size=2), body))
+
+
+def test_expired_requests_never_reach_the_model():
+    model = Recorder(delay=0.2)
+
+    async def body(b):
+        first = asyncio.ensure_future(b.infer({"x": np.zeros((1, 1), np.float32)}))
+        await asyncio.sleep(0.02)
+        with pytest.raises(DeadlineExceeded, match="expired"):
+            await b.infer({"x": np.ones((1, 1), np.float32)}, timeout=0.05)
+        await first
+
+    run(_with_batcher(model, BatchingConfig(max_batch_size=1, max_queue_delay=0), body))
+    assert model.sizes == [1]
+
+
+def test_cancelled_requests_are_dropped():
+    model = Recorder(delay=0.1)
+
+    async def body(b):
+        first = asyncio.ensure_future(b.infer({"x": np.zeros((1, 1), np.float32)}))
+        await asyncio.sleep(0.02)
+        doomed = asyncio.ensure_future(b.infer({"x": np.ones((1, 1), np.float32)}))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        await first
+        await asyncio.sleep(0.15)
+
+    run(_with_batcher(model, BatchingConfig(max_batch_size=1, max_queue_delay=0), body))
+    assert model.sizes == [1]
+
+
+def test_a_failing_batch_fails_only_its_requests():
+    model = Recorder(fail_on=13.0)
+
+    async def body(b):
+        with pytest.raises(Internal, match="poisoned input"):
+            await b.infer({"x": np.full((1, 2), 13.0, np.float32)})
+        out = await b.infer({"x": np.ones((1, 2), np.float32)})
+        np.testing.assert_array_equal(out["y"], 2 * np.ones((1, 2)))
+
+    run(_with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay=0), body))
+
+
+def test_batch_size_limits():
+    async def body(b):
+        with pytest.raises(InvalidArgument, match="batch of 5"):
+            await b.infer({"x": np.zeros((5, 1), np.float32)})
+        with pytest.raises(InvalidArgument, match="batch of 0"):
+            await b.infer({"x": np.zeros((0, 1), np.float32)})
+
+    run(_with_batcher(Recorder(), BatchingConfig(max_batch_size=4), body))
+
+
+def test_lone_request_waits_at_most_the_queue_delay():
+    async def body(b):
+        started = time.monotonic()
+        await b.infer({"x": np.zeros((1, 1), np.float32)})
+        return time.monotonic() - started
+
+    waited = run(_with_batcher(Recorder(), BatchingConfig(max_batch_size=8, max_queue_delay=0.05), body))
+    assert 0.04 <= waited < 2.0
