@@ -35,6 +35,7 @@ class RuntimeOptions:
     device: str = "cpu"
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
+    spin_wait: bool = False
 
 
 def providers_for(device: str) -> list[str]:
@@ -72,6 +73,10 @@ class OnnxModel:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
+        # Idle intra-op threads spin-wait by default, burning the cores that gRPC and image
+        # decoding need between batches; in a server, sleeping threads win.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0" if options.spin_wait is False else "1")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0" if options.spin_wait is False else "1")
         self.session = ort.InferenceSession(str(path), so, providers=providers_for(options.device))
         self.providers: list[str] = self.session.get_providers()
         self.inputs = [_spec(a) for a in self.session.get_inputs()]

@@ -12,7 +12,7 @@ from PIL import Image
 from server.errors import InvalidArgument
 from server.metadata import InputSpec, MetadataError, ModelMeta
 from server.tasks import classification
-from server.tasks.image import ImageLimits, decode_image, image_to_tensor, normalize
+from server.tasks.image import ImageLimits, cheap_to_decode, decode_image, image_to_tensor, normalize
 from server.tensors import from_contents, from_raw, to_raw
 
 SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -99,3 +99,10 @@ def test_tensor_codecs():
         from_raw("a", "FP32", [-1, 3], b"")
     with pytest.raises(InvalidArgument, match="dimensions"):
         from_raw("a", "FP32", [1] * 10_000, b"\x00" * 4)
+
+
+def test_only_small_images_decode_inline():
+    limits = ImageLimits()
+    assert cheap_to_decode(png(Image.new("RGB", (64, 64))), limits)
+    assert not cheap_to_decode(png(Image.new("RGB", (1920, 1080)), "JPEG"), limits)
+    assert not cheap_to_decode(b"garbage", limits)  # errors are reported by the full decoder

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import grpc
+import numpy as np
 
 from server.api.common import rpc, time_left
 from server.errors import InvalidArgument
@@ -13,7 +15,7 @@ from server.proto.optic.v1 import vision_pb2 as pb
 from server.proto.optic.v1 import vision_pb2_grpc as pb_grpc
 from server.repository import ModelRepository, ServedModel
 from server.tasks import classification
-from server.tasks.image import ImageLimits
+from server.tasks.image import ImageLimits, cheap_to_decode
 
 MAX_TOP_K = 1000
 
@@ -31,16 +33,20 @@ class VisionServicer(pb_grpc.VisionServicer):
         self._executor = executor
         self._limits = limits
 
+    async def _preprocess(self, fn: Callable[..., np.ndarray], data: bytes, model: ServedModel) -> np.ndarray:
+        """Small images inline; large ones in the worker pool so decoding never stalls the loop."""
+        if cheap_to_decode(data, self._limits):
+            return fn(data, model.meta, self._limits)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, data, model.meta, self._limits)
+
     @rpc("Classify", lambda r: r.model)
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         model = self.repo.get(request.model, request.model_version)
         _require_task(model, "classification", "Classify")
         if request.top_k > MAX_TOP_K:
             raise InvalidArgument(f"top_k is {request.top_k}; at most {MAX_TOP_K}")
-        loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(
-            self._executor, classification.preprocess, request.image.data, model.meta, self._limits
-        )
+        tensor = await self._preprocess(classification.preprocess, request.image.data, model)
         name = model.inputs[0].name
         outputs = await model.batcher.infer({name: tensor[None]}, time_left(context))
         scores = outputs[model.outputs[0].name][0]

@@ -25,6 +25,21 @@ class ImageLimits:
 
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # Images up to this many pixels are decoded on the event loop: for them the hop to a
+    # worker thread costs more than the decode (measured: +33% Classify throughput at 64x64).
+    inline_pixels: int = 128 * 128
+
+
+def cheap_to_decode(data: bytes, limits: ImageLimits) -> bool:
+    """Whether the header says the image is small enough to decode without leaving the event loop."""
+    if len(data) > 4 * limits.inline_pixels:  # more bytes than a small image needs: not small
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            width, height = img.size
+    except Exception:  # let the full decoder produce the precise error, off the loop
+        return False
+    return width * height <= limits.inline_pixels
 
 
 def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | None = None) -> Image.Image:
