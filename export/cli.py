@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 MODELS = ("classifier",)
@@ -19,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from export import classifier
+    try:
+        from export import classifier
+    except ImportError as exc:  # torch and tqdm come with the extra, not with the server
+        print(f"optic export needs the export extra (pip install -e '.[export]'): {exc}", file=sys.stderr)
+        return 2
 
     recipe = classifier.ClassifierRecipe(seed=args.seed)
     if args.epochs:

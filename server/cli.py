@@ -94,11 +94,8 @@ def infer(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    try:
-        from export import cli
-    except ImportError as exc:
-        print(f"optic export needs the export extra (pip install -e '.[export]'): {exc}", file=sys.stderr)
-        return 2
+    from export import cli
+
     return cli.run(args)
 
 
@@ -110,12 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=serve)
 
     p = sub.add_parser("export", help="train/export models into a repository (needs the export extra)")
-    try:
-        from export.cli import add_arguments
-    except ImportError:  # keep `optic --help` working without the extra; run() explains
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
-        add_arguments(p)
+    from export.cli import add_arguments  # argparse only; torch is imported when the command runs
+
+    add_arguments(p)
     p.set_defaults(func=export)
 
     p = sub.add_parser("infer", help="send images to a running server")

@@ -71,3 +71,15 @@ def test_committed_classifier_describes_itself():
     assert meta.task == "classification" and meta.labels == SHAPES and meta.output_kind == "logits"
     assert float(props["optic.eval.accuracy"]) >= 0.95
     assert float(props["optic.export.parity_max_abs_diff"]) < 1e-4
+
+
+def test_export_without_torch_explains_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; from server.cli import main; "
+        f"sys.exit(main(['export', 'classifier', '--out', {str(tmp_path)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "pip install -e '.[export]'" in result.stderr
