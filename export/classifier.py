@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +11,8 @@ import torch
 
 from export.data import SHAPES, classification_arrays, make_scenes
 from export.models import ShapeClassifier
-from export.onnx_export import (
-    OPSET,
-    ort_predict,
-    parity,
-    session,
-    set_metadata,
-    to_onnx,
-    write_atomically,
-)
+from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
+from export.recipe import ModelReport, count_params, eval_props, finish, size_of
 from export.train import TrainConfig, predict, seed_everything, train_classifier
 from server.metadata import InputSpec, ModelMeta
 from server.tasks.image import normalize
@@ -39,32 +32,12 @@ class ClassifierRecipe:
     tolerance: float = 1e-4  # max |torch - onnxruntime| on logits
 
 
-@dataclass(frozen=True)
-class ClassifierReport:
-    path: Path | None
-    accuracy_torch: float
-    accuracy_onnx: float
-    max_abs_diff: float
-    gate: float
-    seconds: float
-    written: bool
-    reason: str = ""
-
-    def summary(self) -> str:
-        verdict = f"written to {self.path}" if self.written else f"NOT written: {self.reason}"
-        return (
-            f"classifier: held-out accuracy {self.accuracy_onnx:.4f} (onnxruntime), "
-            f"{self.accuracy_torch:.4f} (torch), gate {self.gate:.2f}; "
-            f"ORT-vs-torch max abs diff {self.max_abs_diff:.2e}; {self.seconds:.0f}s; {verdict}"
-        )
-
-
 def _tensors(count: int, seed: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     images, labels = classification_arrays(make_scenes(count, seed, start=start, size=INPUT_SPEC.size[0]))
     return normalize(images, INPUT_SPEC), labels
 
 
-def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = True) -> ClassifierReport:
+def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = True) -> ModelReport:
     """Train, check and (if it passes) write ``out/classifier/1/model.onnx``."""
     recipe = recipe or ClassifierRecipe()
     started = time.monotonic()
@@ -87,41 +60,32 @@ def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = Tr
         evaluate=accuracy,
         progress=progress,
     )
-    acc_torch = accuracy(model)
 
-    input_name, output_name = "images", "logits"
-    proto = to_onnx(model, torch.from_numpy(x_test[:2]), input_name, output_name)
+    proto = to_onnx(model, torch.from_numpy(x_test[:2]), "images", "logits")
     sess = session(proto)
-    acc_onnx = float((ort_predict(sess, x_test).argmax(1) == y_test).mean())
+    value = float((ort_predict(sess, x_test).argmax(1) == y_test).mean())  # what will be served
     rng = np.random.default_rng(recipe.seed)
     probes = [x_test[:1], x_test[:7], rng.normal(0, 1, (5, *x_test.shape[1:])).astype(np.float32)]
     check = parity(model, sess, probes, recipe.tolerance)
+    split = f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}"
     meta = ModelMeta(
         task="classification",
         labels=SHAPES,
         input=INPUT_SPEC,
         output_kind="logits",
-        extra={
-            "optic.eval.accuracy": f"{acc_onnx:.4f}",
-            "optic.eval.split": f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}",
-            "optic.export.parity_max_abs_diff": f"{check.max_abs_diff:.3e}",
-            "optic.export.opset": str(OPSET),
-        },
+        extra=eval_props("accuracy", value, split, check.max_abs_diff),
     )
     set_metadata(proto, meta.to_props(), doc="Optic shape classifier (synthetic scenes)")
-    report = ClassifierReport(
-        path=out / "classifier" / "1" / "model.onnx",
-        accuracy_torch=acc_torch,
-        accuracy_onnx=acc_onnx,
-        max_abs_diff=check.max_abs_diff,
+    report = ModelReport(
+        name="classifier",
+        paths=(out / "classifier" / "1" / "model.onnx",),
+        metric="accuracy",
+        value=value,
         gate=recipe.gate,
+        max_abs_diff=check.max_abs_diff,
+        tolerance=recipe.tolerance,
+        params=count_params(model),
+        onnx_bytes=size_of(proto),
         seconds=time.monotonic() - started,
-        written=False,
     )
-    if not check.ok:
-        return replace(report, reason=f"parity {check.max_abs_diff:.2e} > tolerance {check.tolerance:.0e}")
-    if acc_onnx < recipe.gate:
-        return replace(report, reason=f"held-out accuracy {acc_onnx:.4f} < gate {recipe.gate:.2f}")
-    assert report.path is not None
-    write_atomically(proto, report.path)
-    return replace(report, written=True)
+    return finish(report, [proto])

@@ -147,13 +147,17 @@ def render_scene(
     size: int = 64,
     max_distractors: int = 2,
     noise: float = 10.0,
+    distractor_scale: tuple[float, float] = (0.08, 0.45),
 ) -> Scene:
-    """One scene: a large main shape and up to ``max_distractors`` smaller ones."""
+    """One scene: a large main shape and up to ``max_distractors`` smaller ones.
+
+    ``distractor_scale`` bounds a distractor's radius relative to the main shape's.
+    """
     canvas, bg_colors = _background(rng, size)
     objects: list[SceneObject] = []
     n_distractors = int(rng.integers(0, max_distractors + 1))
     main_r = rng.uniform(0.2, 0.42) * size
-    radii = [main_r] + [rng.uniform(0.08, 0.45) * main_r for _ in range(n_distractors)]
+    radii = [main_r] + [rng.uniform(*distractor_scale) * main_r for _ in range(n_distractors)]
     for i, r in enumerate(radii):
         for _ in range(30):  # rejection-sample a free spot
             cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
@@ -189,7 +193,7 @@ def render_scene(
     return Scene(arr, np.asarray(mask, dtype=np.uint8), tuple(objects), caption_for(objects))
 
 
-def make_scenes(count: int, seed: int, *, start: int = 0, size: int = 64, **kwargs: float) -> list[Scene]:
+def make_scenes(count: int, seed: int, *, start: int = 0, size: int = 64, **kwargs: object) -> list[Scene]:
     """Scenes ``start .. start+count-1`` of ``seed``; each is independent of the others."""
     return [render_scene(np.random.default_rng([seed, i]), size=size, **kwargs) for i in range(start, start + count)]
 

@@ -33,8 +33,16 @@ class Parity:
         return self.max_abs_diff <= self.tolerance
 
 
-def to_onnx(model: nn.Module, sample: torch.Tensor, input_name: str, output_name: str) -> onnx.ModelProto:
-    """Trace ``model`` on ``sample`` into an ONNX graph whose axis 0 is a symbolic batch."""
+def to_onnx(
+    model: nn.Module,
+    sample: torch.Tensor | tuple[torch.Tensor, ...],
+    input_name: str | list[str],
+    output_name: str | list[str],
+) -> onnx.ModelProto:
+    """Trace ``model`` on ``sample`` into an ONNX graph whose axis 0 is a symbolic batch everywhere."""
+    samples = sample if isinstance(sample, tuple) else (sample,)
+    inputs = [input_name] if isinstance(input_name, str) else input_name
+    outputs = [output_name] if isinstance(output_name, str) else output_name
     model.eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -42,12 +50,12 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, input_name: str, output_name
         # The TorchScript exporter: stable for these conv nets and needs no onnxscript.
         torch.onnx.export(
             model,
-            (sample,),
+            samples,
             str(path),
             dynamo=False,
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)},
             opset_version=OPSET,
             do_constant_folding=True,
         )

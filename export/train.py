@@ -43,7 +43,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.epochs * steps_per_epoch)
     history: list[float] = []
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc="classifier", unit="step", disable=not progress)
     for epoch in range(config.epochs):
         x, y = epoch_data(epoch)
         model.train()

@@ -23,12 +23,15 @@ INPUT_MEAN = "optic.input.mean"
 INPUT_STD = "optic.input.std"
 INPUT_LAYOUT = "optic.input.layout"
 OUTPUT_KIND = "optic.output.kind"
+OUTPUT_LAYOUT = "optic.output.layout"
+VOCAB = "optic.vocab"
 
 TASKS = ("classification", "detection", "segmentation", "captioning")
 _ULTRALYTICS_TASKS = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
 RESIZE_MODES = ("stretch", "letterbox", "center_crop")
 COLORS = ("RGB", "BGR")
 OUTPUT_KINDS = ("logits", "probabilities")
+OUTPUT_LAYOUTS = ("yolov5", "yolov8")
 
 
 class MetadataError(ValueError):
@@ -54,7 +57,9 @@ class ModelMeta:
     labels: tuple[str, ...] = ()
     input: InputSpec | None = None
     output_kind: str = "logits"
-    extra: Mapping[str, str] = field(default_factory=dict)
+    output_layout: str | None = None  # detection: "yolov5" [N, A, 5+C] or "yolov8" [N, 4+C, A]
+    vocab: tuple[str, ...] = ()  # captioning: token strings by id
+    extra: Mapping[str, str] = field(default_factory=dict)  # every other key, as written
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` entries that describe this model."""
@@ -75,6 +80,10 @@ class ModelMeta:
                 INPUT_LAYOUT: spec.layout,
             }
         props[OUTPUT_KIND] = self.output_kind
+        if self.output_layout:
+            props[OUTPUT_LAYOUT] = self.output_layout
+        if self.vocab:
+            props[VOCAB] = json.dumps(list(self.vocab))
         return props
 
     @classmethod
@@ -111,7 +120,28 @@ class ModelMeta:
                 size=_size(imgsz if isinstance(imgsz, list) else [imgsz, imgsz], "imgsz"), resize="letterbox"
             )
         output_kind = _choice(props, OUTPUT_KIND, OUTPUT_KINDS, "logits")
-        return cls(task, tuple(labels), spec, output_kind, {})
+        layout = _choice(props, OUTPUT_LAYOUT, OUTPUT_LAYOUTS, "yolov8") if OUTPUT_LAYOUT in props else None
+        if layout is None and task == "detection" and "imgsz" in props:
+            layout = "yolov8"  # Ultralytics exports detection heads as [N, 4+C, A]
+        vocab = _json(props, VOCAB, list) if VOCAB in props else []
+        if not all(isinstance(x, str) for x in vocab):
+            raise MetadataError(f"metadata {VOCAB!r} must be a list of strings")
+        known = {
+            TASK,
+            LABELS,
+            INPUT_SIZE,
+            INPUT_COLOR,
+            INPUT_RESIZE,
+            INPUT_SCALE,
+            INPUT_MEAN,
+            INPUT_STD,
+            INPUT_LAYOUT,
+            OUTPUT_KIND,
+            OUTPUT_LAYOUT,
+            VOCAB,
+        }
+        extra = {k: v for k, v in props.items() if k not in known}
+        return cls(task, tuple(labels), spec, output_kind, layout, tuple(vocab), extra)
 
 
 def _json(props: Mapping[str, str], key: str, kind: type) -> list:

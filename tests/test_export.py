@@ -42,11 +42,11 @@ def tiny(tmp_path_factory):
 
 def test_tiny_export_has_parity_and_metadata(tiny):
     out, report = tiny
-    assert report.written and report.path == out / "classifier" / "1" / "model.onnx"
+    assert report.written and report.paths == (out / "classifier" / "1" / "model.onnx",)
     assert report.max_abs_diff < 1e-4
-    proto = onnx.load(str(report.path))
+    proto = onnx.load(str(report.paths[0]))
     onnx.checker.check_model(proto)
-    sess = ort.InferenceSession(str(report.path))
+    sess = ort.InferenceSession(str(report.paths[0]))
     (inp,) = sess.get_inputs()
     assert inp.shape[0] == "batch" and inp.shape[1:] == [3, 64, 64]
     meta = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map)
