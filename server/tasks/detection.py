@@ -1,0 +1,96 @@
+"""Detection post-processing: YOLO output decoding and non-maximum suppression, vectorised numpy.
+
+Two output layouts are understood: YOLOv5's ``[A, 5+C]`` (cx, cy, w, h,
+objectness, class scores) -- which Optic's own detector emits -- and
+Ultralytics YOLOv8/11's ``[4+C, A]`` (cx, cy, w, h, class scores; no
+objectness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYOUTS = ("yolov5", "yolov8")
+
+
+@dataclass(frozen=True)
+class Detections:
+    boxes: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 in input pixels
+    scores: np.ndarray  # (K,) float32
+    class_ids: np.ndarray  # (K,) int64
+
+
+def candidates(pred: np.ndarray, layout: str, conf_threshold: float) -> Detections:
+    """One image's raw output -> boxes whose best class confidence passes the threshold."""
+    if layout == "yolov8":
+        pred = pred.T
+        box, cls = pred[:, :4], pred[:, 4:]
+        scores_all = cls
+    elif layout == "yolov5":
+        box, obj, cls = pred[:, :4], pred[:, 4:5], pred[:, 5:]
+        scores_all = obj * cls
+    else:
+        raise ValueError(f"unknown detection layout {layout!r}; expected one of {LAYOUTS}")
+    class_ids = scores_all.argmax(1)
+    scores = scores_all[np.arange(len(scores_all)), class_ids]
+    keep = scores >= conf_threshold
+    box, scores, class_ids = box[keep], scores[keep], class_ids[keep]
+    xyxy = np.concatenate([box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2], axis=1)
+    return Detections(xyxy.astype(np.float32), scores.astype(np.float32), class_ids.astype(np.int64))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def non_max_suppression(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    iou_threshold: float,
+    class_ids: np.ndarray | None = None,
+    max_det: int = 300,
+) -> np.ndarray:
+    """Indices kept by greedy NMS, best score first; class-aware when ``class_ids`` is given.
+
+    Exact greedy NMS computed as a fixed point over the IoU matrix ("cluster
+    NMS"): a box is kept iff no kept, higher-scoring box overlaps it beyond the
+    threshold. Each sweep is one matrix operation, and the number of sweeps is
+    the length of the longest suppression chain, not the number of boxes.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order].astype(np.float64)
+    if class_ids is not None:  # offset each class far apart so classes never overlap
+        b = b + (class_ids[order].astype(np.float64) * (np.abs(b).max() + 1.0) * 4.0)[:, None]
+    over = np.triu(box_iou(b, b) > iou_threshold, k=1)  # over[i, j]: i outranks j and overlaps it
+    keep = np.ones(len(b), dtype=bool)
+    while True:
+        new = ~(over & keep[:, None]).any(0)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return order[keep][:max_det]
+
+
+def detect(
+    pred: np.ndarray,
+    layout: str,
+    conf_threshold: float = 0.25,
+    iou_threshold: float = 0.45,
+    agnostic: bool = False,
+    max_det: int = 300,
+) -> Detections:
+    """Raw output of one image -> final detections in input pixels."""
+    c = candidates(pred, layout, conf_threshold)
+    keep = non_max_suppression(c.boxes, c.scores, iou_threshold, None if agnostic else c.class_ids, max_det)
+    return Detections(c.boxes[keep], c.scores[keep], c.class_ids[keep])
