@@ -23,7 +23,7 @@ from server.scheduler import BatchingConfig, DynamicBatcher
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ModelRepository:
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         found = []
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not _NAME.match(model_dir.name):
+            if not MODEL_NAME.match(model_dir.name):
                 log.warning("skipping %s: not a valid model name", model_dir)
                 continue
             versions = sorted(
