@@ -138,3 +138,22 @@ def test_model_metadata_unknown(client):
         client.get_model_metadata("../../etc/passwd")
     assert err.value.status() == "StatusCode.NOT_FOUND"
     assert client.is_server_live()
+
+
+@pytest.mark.parametrize("name", ["detector", "segmenter", "captioner_encoder", "captioner_decoder"])
+def test_every_default_model_serves_tensors(client, name):
+    """Each exported model answers KServe v2 exactly as onnxruntime does in-process, batch of 3."""
+    sess = ort.InferenceSession(str(MODEL_REPO / name / "1" / "model.onnx"))
+    rng = np.random.default_rng(5)
+    feeds, inputs = {}, []
+    for arg in sess.get_inputs():
+        shape = [3, *arg.shape[1:]]
+        value = rng.integers(0, 20, shape) if arg.type == "tensor(int64)" else rng.normal(0, 1, shape)
+        feeds[arg.name] = value.astype(np.int64 if arg.type == "tensor(int64)" else np.float32)
+        inp = tc.InferInput(arg.name, shape, "INT64" if arg.type == "tensor(int64)" else "FP32")
+        inp.set_data_from_numpy(feeds[arg.name])
+        inputs.append(inp)
+    assert client.is_model_ready(name)
+    result = client.infer(name, inputs)
+    for arg, want in zip(sess.get_outputs(), sess.run(None, feeds), strict=True):
+        np.testing.assert_allclose(result.as_numpy(arg.name), want, rtol=1e-4, atol=1e-4)
