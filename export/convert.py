@@ -30,8 +30,7 @@ from export.models import (
     ShapeSegmenter,
 )
 from export.onnx_export import parity, session, set_metadata, to_onnx, write_atomically
-from server.metadata import INPUT_STD, InputSpec, MetadataError, ModelMeta
-from server.repository import MODEL_NAME
+from server.metadata import INPUT_STD, MODEL_NAME, InputSpec, MetadataError, ModelMeta
 from server.tensors import ORT_DATATYPES
 
 ARCHS = ("classifier", "detector", "segmenter", "captioner")

@@ -47,12 +47,24 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     preprocess_threads: int = 0  # 0: one per usable core
     grace_seconds: float = 30.0
+    control_mode: str = "none"  # none | explicit | poll, as Triton's --model-control-mode
+    startup_models: tuple[str, ...] = ("*",)  # explicit mode: loaded at start ("*": all)
+    poll_seconds: float = 5.0
+    queue_timeout: float | None = None  # default queue policy timeout (s) where config.pbtxt sets none
 
 
 class OpticServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.repo = ModelRepository(config.model_repo, config.runtime, config.batching)
+        self.repo = ModelRepository(
+            config.model_repo,
+            config.runtime,
+            config.batching,
+            control_mode=config.control_mode,
+            startup_models=config.startup_models,
+            poll_seconds=config.poll_seconds,
+            queue_timeout=config.queue_timeout,
+        )
         self.health = health.aio.HealthServicer()
         self.draining = False
         self.port = 0
@@ -97,11 +109,11 @@ class OpticServer:
             self.config.metrics_port,
             self.config.model_repo,
         )
-        await asyncio.get_running_loop().run_in_executor(None, self.repo.load_all)
-        self.repo.start()
-        if self.repo.models:
+        await self.repo.start()
+        if self.repo.versions or self.config.control_mode == "explicit":
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", ", ".join(f"{m.name}:{m.version}" for m in self.repo.models.values()) or "no models")
+        served = [f"{n}:{v}" for n, vs in sorted(self.repo.versions.items()) for v in vs]
+        log.info("serving %s (model control mode %s)", ", ".join(served) or "no models", self.config.control_mode)
 
     async def stop(self, grace: float | None = None) -> None:
         """Readiness off, refuse new calls, let in-flight ones finish (up to ``grace`` s), release models."""

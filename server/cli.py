@@ -27,7 +27,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     p.add_argument("--max-queue-size", type=int, default=1024, help="queued requests per model before refusing")
     p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per batch (0: auto)")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per run (0: cores / instances)")
+    p.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0: default)")
+    p.add_argument(
+        "--model-control-mode",
+        choices=("none", "explicit", "poll"),
+        default="none",
+        help="as Triton: none loads all at start; explicit loads --load-model and takes Load/Unload RPCs; "
+        "poll also reloads changed models from disk",
+    )
+    p.add_argument(
+        "--load-model", action="append", default=[], metavar="NAME", help="explicit mode: load at start ('*': all)"
+    )
+    p.add_argument("--repository-poll-secs", type=float, default=5.0, help="poll mode: seconds between scans")
+    p.add_argument(
+        "--queue-timeout-ms",
+        type=float,
+        default=0.0,
+        help="queued requests older than this get DEADLINE_EXCEEDED (0: only the client's deadline)",
+    )
     p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message accepted")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
@@ -37,7 +55,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     from server.app import ServerConfig, run
 
-    for flag in ("max_batch_size", "max_queue_size", "instances", "intra_op_threads", "max_image_pixels"):
+    for flag in (
+        "max_batch_size",
+        "max_queue_size",
+        "instances",
+        "intra_op_threads",
+        "inter_op_threads",
+        "max_image_pixels",
+    ):
         if getattr(args, flag) < (1 if flag in ("instances", "max_queue_size", "max_image_pixels") else 0):
             print(f"optic serve: --{flag.replace('_', '-')} is out of range", file=sys.stderr)
             return 2
@@ -48,7 +73,9 @@ def serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        runtime=RuntimeOptions(device=args.device, intra_op_threads=args.intra_op_threads),
+        runtime=RuntimeOptions(
+            device=args.device, intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads
+        ),
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_queue_delay=args.max_queue_delay_ms / 1000.0,
@@ -58,7 +85,14 @@ def serve(args: argparse.Namespace) -> int:
         image_limits=ImageLimits(max_bytes=max_bytes, max_pixels=args.max_image_pixels),
         max_message_bytes=max_bytes,
         grace_seconds=args.grace_seconds,
+        control_mode=args.model_control_mode,
+        startup_models=tuple(args.load_model) if args.model_control_mode == "explicit" else ("*",),
+        poll_seconds=args.repository_poll_secs,
+        queue_timeout=args.queue_timeout_ms / 1000.0 or None,
     )
+    if args.repository_poll_secs <= 0 or args.queue_timeout_ms < 0:
+        print("optic serve: --repository-poll-secs must be > 0 and --queue-timeout-ms >= 0", file=sys.stderr)
+        return 2
     if not args.model_repo.is_dir():
         print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)
         return 2

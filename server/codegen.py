@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_SRC = ROOT / "protos"
-PROTO_FILES = ("inference/grpc_service.proto", "optic/v1/vision.proto")
+PROTO_FILES = ("inference/grpc_service.proto", "inference/model_config.proto", "optic/v1/vision.proto")
 PACKAGE = "server.proto"
 _IMPORT = re.compile(r"^from (inference|optic\.v1|optic) import ", re.MULTILINE)
 

@@ -11,6 +11,7 @@ class OpticError(Exception):
     """Base class: ``code`` is the name of a ``grpc.StatusCode`` member."""
 
     code = "INTERNAL"
+    request_id = ""  # the KServe request id, for errors reported in-band on a stream
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -39,3 +40,7 @@ class Unavailable(OpticError):
 
 class Internal(OpticError):
     code = "INTERNAL"
+
+
+class FailedPrecondition(OpticError):
+    code = "FAILED_PRECONDITION"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,9 @@ INPUT_LAYOUT = "optic.input.layout"
 OUTPUT_KIND = "optic.output.kind"
 OUTPUT_LAYOUT = "optic.output.layout"
 VOCAB = "optic.vocab"
+
+# Model (directory) names: what the repository serves and the export stage may write.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 TASKS = ("classification", "detection", "segmentation", "captioning")
 _ULTRALYTICS_TASKS = {"classify": "classification", "detect": "detection", "segment": "segmentation"}

@@ -7,6 +7,11 @@ the series count.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -26,39 +31,101 @@ REQUEST_LATENCY = Histogram(
 QUEUE_TIME = Histogram(
     "optic_queue_duration_seconds",
     "Time a request waited in its model's batching queue.",
-    ["model"],
+    ["model", "version"],
     buckets=_LATENCY_BUCKETS,
 )
 COMPUTE_TIME = Histogram(
     "optic_compute_duration_seconds",
     "onnxruntime time per executed batch.",
-    ["model"],
+    ["model", "version"],
     buckets=_LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
     "optic_batch_size",
     "Samples per executed batch.",
-    ["model"],
+    ["model", "version"],
     buckets=_BATCH_BUCKETS,
 )
+INFERENCES = Counter(
+    "optic_inferences",
+    "Inference requests that reached a model version, by outcome (success/fail).",
+    ["model", "version", "outcome"],
+)
+QUEUE_SIZE = Gauge("optic_queue_size", "Requests waiting in the batching queue.", ["model", "version"])
 INFLIGHT = Gauge("optic_inflight_requests", "Requests being handled now.", ["model"])
 MODEL_READY = Gauge("optic_model_ready", "1 when the model version is loaded and serving.", ["model", "version"])
+MODEL_LOAD_FAILURES = Counter("optic_model_load_failures", "Failed attempts to load a model version.", ["model"])
 
 
-class ModelMetrics:
-    """The batcher's observer for one model."""
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
 
-    def __init__(self, model: str) -> None:
-        self._queue = QUEUE_TIME.labels(model)
-        self._compute = COMPUTE_TIME.labels(model)
-        self._batch = BATCH_SIZE.labels(model)
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class BatchStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+class ModelStats:
+    """One model version's statistics, Triton's ModelStatistics shape, mirrored to Prometheus.
+
+    Updated on the event loop only, so plain integers suffice.
+    """
+
+    def __init__(self, model: str, version: str) -> None:
+        self.model, self.version = model, version
+        self.success, self.fail, self.queue = Duration(), Duration(), Duration()
+        self.compute = BatchStats()
+        self.batches: dict[int, BatchStats] = {}
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self._queue = QUEUE_TIME.labels(model, version)
+        self._compute = COMPUTE_TIME.labels(model, version)
+        self._batch = BATCH_SIZE.labels(model, version)
+        self._ok = INFERENCES.labels(model, version, "success")
+        self._failed = INFERENCES.labels(model, version, "fail")
 
     def observe_queue(self, seconds: float) -> None:
+        self.queue.add(seconds)
         self._queue.observe(seconds)
 
-    def observe_batch(self, size: int, seconds: float) -> None:
+    def observe_batch(self, size: int, compute_input: float, compute_infer: float, compute_output: float) -> None:
+        self.execution_count += 1
+        per_size = self.batches.setdefault(size, BatchStats())
+        for stats in (self.compute, per_size):
+            stats.compute_input.add(compute_input)
+            stats.compute_infer.add(compute_infer)
+            stats.compute_output.add(compute_output)
         self._batch.observe(size)
-        self._compute.observe(seconds)
+        self._compute.observe(compute_infer)
+
+    def observe_request(self, ok: bool, samples: int, seconds: float) -> None:
+        if ok:
+            self.success.add(seconds)
+            self.inference_count += samples
+            self.last_inference_ms = int(time.time() * 1000)
+            self._ok.inc()
+        else:
+            self.fail.add(seconds)
+            self._failed.inc()
+
+    def track_queue(self, size: Callable[[], int]) -> None:
+        QUEUE_SIZE.labels(self.model, self.version).set_function(size)
+
+    def retire(self) -> None:
+        """The version is unloaded: its gauges go, its counters stay (Prometheus counters never go back)."""
+        for gauge in (QUEUE_SIZE, MODEL_READY):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.model, self.version)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

@@ -1,29 +1,49 @@
-"""The model repository: Triton's layout, discovered at start-up.
+"""The model repository: Triton's layout, versions, and the load / unload / poll lifecycle.
 
-``<repo>/<name>/<version>/model.onnx``; the highest numeric version is served.
-Everything the server needs is read from the ONNX file itself (inputs,
-outputs, whether axis 0 is a batch axis, ``metadata_props``). Request fields
-are only ever used as dictionary keys here, never to build a path.
+``<repo>/<name>/<version>/model.onnx`` with an optional ``<repo>/<name>/config.pbtxt``.
+Loading builds every selected version completely (session, warm-up, batcher)
+off the event loop, then swaps the model's version table in one assignment,
+so requests see either the old versions or the new ones, never a mix or a
+gap. Replaced versions finish what they hold before their batchers close. A
+load that fails leaves whatever was serving untouched and records the reason
+for RepositoryIndex and the log.
+
+Request fields are only ever compared with names found by listing the
+repository, never joined onto a path.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from server.errors import NotFound, Unavailable
-from server.metadata import MetadataError, ModelMeta
-from server.metrics import MODEL_READY, ModelMetrics
-from server.runtime import OnnxModel, RuntimeOptions, TensorSpec
-from server.scheduler import BatchingConfig, DynamicBatcher
+import numpy as np
+
+from server import config as cfgmod
+from server.errors import NotFound, OpticError, Unavailable
+from server.metadata import MODEL_NAME, MetadataError, ModelMeta
+from server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
+from server.proto.inference import model_config_pb2 as mc
+from server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
+from server.scheduler import BatchingConfig, DynamicBatcher, Tensors
+from server.tensors import DATATYPES
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CONTROL_MODES = ("none", "explicit", "poll")
+_PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class LoadFailed(OpticError):
+    code = "INVALID_ARGUMENT"  # Triton's status for a model that cannot be loaded
 
 
 @dataclass
@@ -32,9 +52,14 @@ class ServedModel:
     version: str
     runtime: OnnxModel
     meta: ModelMeta
+    config: mc.ModelConfig  # the effective configuration
     batching: BatchingConfig
     batcher: DynamicBatcher
     executor: ThreadPoolExecutor = field(repr=False)
+    stats: ModelStats = field(repr=False)
+    queue_timeout: float | None = None  # the queue policy's default timeout, seconds
+    reject_on_timeout: bool = True
+    holders: int = 0  # requests that got this version and may still queue on it
 
     @property
     def max_batch_size(self) -> int:
@@ -48,94 +73,367 @@ class ServedModel:
     def outputs(self) -> list[TensorSpec]:
         return self.runtime.outputs
 
+    async def infer(self, inputs: Tensors, client_timeout: float | None) -> Tensors:
+        """Queue on this version's batcher under the tighter of the client's deadline and the queue policy."""
+        timeout = client_timeout
+        if self.queue_timeout is not None and self.reject_on_timeout:
+            timeout = self.queue_timeout if timeout is None else min(timeout, self.queue_timeout)
+        started = time.monotonic()
+        samples = next(iter(inputs.values())).shape[0] if self.max_batch_size and inputs else 1
+        try:
+            outputs = await self.batcher.infer(inputs, timeout)
+        except (OpticError, asyncio.CancelledError):
+            self.stats.observe_request(False, samples, time.monotonic() - started)
+            raise
+        self.stats.observe_request(True, samples, time.monotonic() - started)
+        return outputs
+
+
+@dataclass
+class ModelState:
+    """What the repository knows about one model directory, loaded or not."""
+
+    signature: tuple = ()  # files last attempted (path, mtime, size), for polling
+    error: str = ""  # the last load's failure, "" when it succeeded
+    failed_versions: tuple[str, ...] = ()
+    reason: str = ""  # why nothing is loaded (unloaded, not requested)
+
 
 @dataclass(frozen=True)
-class LoadError:
+class IndexEntry:
     name: str
     version: str
-    message: str
+    state: str  # READY, UNAVAILABLE
+    reason: str = ""
 
 
 class ModelRepository:
-    """Loads every model under ``root`` and hands them out by name (and optional version)."""
+    """Versions of every model under ``root``, handed out by name and version."""
 
-    def __init__(self, root: Path, runtime: RuntimeOptions, batching: BatchingConfig) -> None:
+    def __init__(
+        self,
+        root: Path,
+        runtime: RuntimeOptions,
+        batching: BatchingConfig,
+        *,
+        control_mode: str = "none",
+        startup_models: tuple[str, ...] = ("*",),
+        poll_seconds: float = 5.0,
+        queue_timeout: float | None = None,
+    ) -> None:
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode {control_mode!r}; expected one of {', '.join(CONTROL_MODES)}")
         self.root = root
         self.runtime_options = runtime
-        self.batching = batching
-        self.models: dict[str, ServedModel] = {}
-        self.errors: list[LoadError] = []
+        self.defaults = cfgmod.Defaults(batching, queue_timeout)
+        self.control_mode = control_mode
+        self.startup_models = startup_models
+        self.poll_seconds = poll_seconds
+        self.versions: dict[str, dict[str, ServedModel]] = {}
+        self.states: dict[str, ModelState] = {}
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
 
-    def discover(self) -> list[tuple[str, str, Path]]:
-        """(name, version, path) of the version to serve for each model directory."""
+    # ------------------------------------------------------------------ discovery
+
+    def model_dirs(self) -> dict[str, Path]:
+        """Model directories by name, found by listing ``root`` (the only source of paths)."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
-        found = []
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not MODEL_NAME.match(model_dir.name):
-                log.warning("skipping %s: not a valid model name", model_dir)
-                continue
-            versions = sorted(
-                (int(v.name) for v in model_dir.iterdir() if v.name.isdigit() and (v / MODEL_FILE).is_file()),
-            )
-            if not versions:
-                log.warning("skipping %s: no <version>/%s inside", model_dir, MODEL_FILE)
-                continue
-            version = str(versions[-1])
-            found.append((model_dir.name, version, model_dir / version / MODEL_FILE))
+        found = {}
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if MODEL_NAME.match(d.name):
+                found[d.name] = d
+            else:
+                log.warning("skipping %s: not a valid model name", d)
         return found
 
-    def load_all(self) -> None:
-        """Load what :meth:`discover` finds; a model that fails is logged and skipped, not fatal."""
-        for name, version, path in self.discover():
-            try:
-                self.models[name] = self._load(name, version, path)
-                MODEL_READY.labels(name, version).set(1)
-                log.info("loaded %s version %s (%s)", name, version, ", ".join(self.models[name].runtime.providers))
-            except (MetadataError, ValueError, RuntimeError, OSError) as exc:
-                self.errors.append(LoadError(name, version, f"{path}: {exc}"))
-                log.error("failed to load %s version %s from %s: %s", name, version, path, exc)
+    @staticmethod
+    def _version_files(model_dir: Path, filename: str) -> dict[int, Path]:
+        return {
+            int(v.name): v / filename
+            for v in model_dir.iterdir()
+            if v.name.isdigit() and len(v.name) < 19 and (v / filename).is_file()
+        }
 
-    def _load(self, name: str, version: str, path: Path) -> ServedModel:
-        runtime = OnnxModel(path, self.runtime_options)
+    def _signature(self, model_dir: Path) -> tuple:
+        files = [model_dir / cfgmod.CONFIG_FILE, *sorted(model_dir.glob("[0-9]*/*.onnx"))]
+        sig = []
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = f.stat()
+                sig.append((str(f.relative_to(model_dir)), st.st_mtime_ns, st.st_size))
+        return tuple(sig)
+
+    # ------------------------------------------------------------------ building (worker thread)
+
+    def _build(self, name: str, model_dir: Path) -> dict[str, ServedModel]:
+        file = cfgmod.read(model_dir)
+        if file.ignored:
+            log.warning("%s/config.pbtxt: ignoring fields Optic does not support: %s", name, ", ".join(file.ignored))
+        filename = file.config.default_model_filename or MODEL_FILE
+        if not _PLAIN_FILE.match(filename):
+            raise cfgmod.ConfigError(f"default_model_filename {filename!r} must be a plain file name")
+        available = self._version_files(model_dir, filename)
+        if not available:
+            raise cfgmod.ConfigError(f"no <version>/{filename} inside {model_dir}")
+        built: dict[str, ServedModel] = {}
+        try:
+            for number in cfgmod.select_versions(file.config, sorted(available)):
+                built[str(number)] = self._build_version(name, str(number), available[number], file, model_dir)
+        except Exception:
+            for model in built.values():
+                model.executor.shutdown(wait=False)
+            raise
+        return built
+
+    def _build_version(
+        self, name: str, version: str, path: Path, file: cfgmod.FileConfig, model_dir: Path
+    ) -> ServedModel:
+        probe = OnnxModel(path, replace(self.runtime_options, intra_op_threads=1))  # shapes only
+        effective = cfgmod.effective(file, name, probe.inputs, probe.outputs, probe.batchable, self.defaults)
+        batching, timeout, reject = cfgmod.batching_of(effective)
+        options = self.runtime_options
+        if options.intra_op_threads == 0 and batching.instances > 1:
+            # Concurrent runs share the cores instead of each claiming all of them.
+            options = replace(options, intra_op_threads=max(1, default_threads() // batching.instances))
+        del probe
+        runtime = OnnxModel(path, options)
         meta = ModelMeta.from_props(runtime.metadata_props)
-        batching = self.batching if runtime.batchable else replace(self.batching, max_batch_size=0)
-        warm = [1] + ([batching.max_batch_size] if batching.max_batch_size > 1 else [])
-        runtime.warmup(warm)
-        executor = ThreadPoolExecutor(max_workers=max(1, batching.instances), thread_name_prefix=f"ort-{name}")
-        batcher = DynamicBatcher(name, runtime.run, batching, executor, ModelMetrics(name))
-        return ServedModel(name, version, runtime, meta, batching, batcher, executor)
+        self._warm_up(runtime, effective, model_dir)
+        executor = ThreadPoolExecutor(max_workers=batching.instances, thread_name_prefix=f"ort-{name}")
+        stats = ModelStats(name, version)
+        batcher = DynamicBatcher(f"{name}:{version}", runtime.run, batching, executor, stats)
+        return ServedModel(name, version, runtime, meta, effective, batching, batcher, executor, stats, timeout, reject)
 
-    def start(self) -> None:
-        for model in self.models.values():
-            model.batcher.start()
+    @staticmethod
+    def _warm_up(runtime: OnnxModel, config: mc.ModelConfig, model_dir: Path) -> None:
+        """The configured ``model_warmup`` samples, or zeros at batch 1 and the maximum batch."""
+        if not config.model_warmup:
+            mbs = config.max_batch_size
+            runtime.warmup([1] + ([mbs] if mbs > 1 else []))
+            return
+        rng = np.random.default_rng(0)
+        specs = {s.name: s for s in runtime.inputs}
+        for warm in config.model_warmup:
+            feeds = {}
+            for spec in runtime.inputs:
+                given = warm.inputs.get(spec.name)
+                dims = list(given.dims) if given and given.dims else [d if d > 0 else 1 for d in spec.shape[1:]]
+                shape = ([max(1, warm.batch_size)] if config.max_batch_size else []) + dims
+                if not config.max_batch_size and not (given and given.dims):
+                    shape = [d if d > 0 else 1 for d in spec.shape]
+                dtype = DATATYPES[specs[spec.name].datatype]
+                source = given.WhichOneof("input_data_type") if given else "zero_data"
+                if source == "random_data":
+                    feeds[spec.name] = (rng.random(shape) * 2 - 1).astype(dtype)
+                elif source == "input_data_file":
+                    feeds[spec.name] = _warmup_file(model_dir, given.input_data_file, dtype, shape)
+                else:
+                    feeds[spec.name] = np.zeros(shape, dtype)
+            for _ in range(max(1, warm.count)):
+                runtime.run(feeds)
+
+    # ------------------------------------------------------------------ lifecycle (event loop)
+
+    async def load(self, name: str) -> None:
+        """(Re)load ``name`` from disk and swap it in; on failure the serving versions stay."""
+        dirs = await asyncio.get_running_loop().run_in_executor(self._loader, self.model_dirs)
+        model_dir = dirs.get(name)
+        if model_dir is None:
+            raise NotFound(f"no model {_printable(name)} in the repository; it has: {', '.join(dirs) or 'nothing'}")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            state = self.states.setdefault(name, ModelState())
+            state.signature = self._signature(model_dir)
+            started = time.monotonic()
+            try:
+                built = await asyncio.get_running_loop().run_in_executor(self._loader, self._build, name, model_dir)
+            except (cfgmod.ConfigError, MetadataError, ValueError, RuntimeError, OSError) as exc:
+                state.error = str(exc)
+                state.failed_versions = tuple(str(v) for v in sorted(self._version_files(model_dir, MODEL_FILE)))
+                MODEL_LOAD_FAILURES.labels(name).inc()
+                kept = ", ".join(self.versions.get(name, {})) or "none"
+                log.error("failed to load %s (still serving version(s): %s): %s", name, kept, exc)
+                raise LoadFailed(f"failed to load model {name!r}: {exc}") from None
+            for model in built.values():
+                model.batcher.start()
+                model.stats.track_queue(lambda b=model.batcher: b.queued)
+            old = self.versions.get(name, {})
+            self.versions[name] = built  # the swap: one assignment
+            state.error, state.failed_versions, state.reason = "", (), ""
+            for version in built:
+                MODEL_READY.labels(name, version).set(1)
+            log.info(
+                "loaded %s version(s) %s in %.2fs (%s)",
+                name,
+                ", ".join(built),
+                time.monotonic() - started,
+                ", ".join(next(iter(built.values())).runtime.providers),
+            )
+            for version, model in old.items():
+                self._retire(model, keep_ready=version in built)
+
+    async def unload(self, name: str) -> None:
+        if name not in self.versions:
+            if name in self.states or name in self.model_dirs():
+                return  # already not loaded: nothing to do, as Triton
+            raise NotFound(f"no model {_printable(name)} to unload")
+        old = self.versions.pop(name)
+        self.states.setdefault(name, ModelState()).reason = "unloaded"
+        for model in old.values():
+            self._retire(model, keep_ready=False)
+        log.info("unloaded %s", name)
+
+    def _retire(self, model: ServedModel, keep_ready: bool) -> None:
+        async def drain() -> None:
+            while model.holders:
+                await asyncio.sleep(0.01)
+            await model.batcher.close()
+            model.executor.shutdown(wait=False)
+            if not keep_ready:
+                model.stats.retire()
+                MODEL_READY.labels(model.name, model.version).set(0)
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def start(self) -> None:
+        """Load the start-up set (all, or ``startup_models`` in explicit mode); failures are logged, not fatal."""
+        dirs = self.model_dirs()
+        wanted = list(dirs) if self.control_mode != "explicit" or "*" in self.startup_models else []
+        if self.control_mode == "explicit":
+            wanted += [m for m in self.startup_models if m != "*" and m not in wanted]
+        for name in dirs:
+            self.states.setdefault(name, ModelState(reason="not loaded (explicit mode)"))
+        for name in wanted:
+            with contextlib.suppress(OpticError):
+                await self.load(name)
+        if self.control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever(), name="repository-poll")
+
+    async def poll_once(self) -> None:
+        """Load new or changed models, unload removed ones."""
+        dirs = await asyncio.get_running_loop().run_in_executor(self._loader, self.model_dirs)
+        for name, model_dir in dirs.items():
+            state = self.states.get(name)
+            if state is None or state.signature != self._signature(model_dir):
+                with contextlib.suppress(OpticError):
+                    await self.load(name)
+        for name in [n for n in self.versions if n not in dirs]:
+            await self.unload(name)
+            self.states.pop(name, None)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.poll_once()
+            except Exception:  # a broken repository must not stop polling
+                log.exception("polling %s failed", self.root)
 
     async def close(self) -> None:
-        for model in self.models.values():
-            await model.batcher.close()
-            model.executor.shutdown(wait=True)
-            MODEL_READY.labels(model.name, model.version).set(0)
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        for name in list(self.versions):
+            for model in self.versions.pop(name).values():
+                self._retire(model, keep_ready=False)
+        while self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self._loader.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ lookups
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The default version of every loaded model."""
+        return {name: self._default(vs) for name, vs in self.versions.items() if vs}
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        return [(n, s.error) for n, s in self.states.items() if s.error]
 
     @property
     def ready(self) -> bool:
-        """Every model found on disk loaded (Triton's meaning of server readiness)."""
-        return bool(self.models) and not self.errors
+        """Every model asked for is serving (Triton's server readiness)."""
+        failed = any(s.error and n not in self.versions for n, s in self.states.items())
+        return not failed and (bool(self.versions) or self.control_mode == "explicit")
+
+    @staticmethod
+    def _default(versions: dict[str, ServedModel]) -> ServedModel:
+        return versions[max(versions, key=int)]
 
     def get(self, name: str, version: str = "") -> ServedModel:
-        model = self.models.get(name)
-        if model is None:
-            failed = next((e for e in self.errors if e.name == name), None)
-            if failed is not None:
-                raise Unavailable(f"model {name!r} failed to load: {failed.message}")
-            known = ", ".join(sorted(self.models)) or "none"
+        versions = self.versions.get(name)
+        if not versions:
+            state = self.states.get(name)
+            if state is not None and state.error:
+                raise Unavailable(f"model {name!r} failed to load: {state.error}")
+            if state is not None and state.reason:
+                raise Unavailable(f"model {name!r} is {state.reason}")
+            known = ", ".join(sorted(self.versions)) or "none"
             raise NotFound(f"unknown model {_printable(name)}; this server has: {known}")
-        if version and version != model.version:
-            raise NotFound(f"model {name!r} has no version {_printable(version)}; serving version {model.version}")
+        if not version:
+            return self._default(versions)
+        model = versions.get(version)
+        if model is None:
+            raise NotFound(
+                f"model {name!r} has no version {_printable(version)}; serving version(s) {', '.join(versions)}"
+            )
         return model
+
+    @contextlib.contextmanager
+    def use(self, name: str, version: str = "") -> Iterator[ServedModel]:
+        """Hold a version for one request, so a swap waits for it instead of failing it."""
+        model = self.get(name, version)
+        model.holders += 1
+        try:
+            yield model
+        finally:
+            model.holders -= 1
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except OpticError:
+            return False
+        return True
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = []
+        names = sorted(set(self.states) | set(self.versions))
+        for name in names:
+            loaded = self.versions.get(name, {})
+            entries += [IndexEntry(name, v, "READY") for v in sorted(loaded, key=int)]
+            if ready_only:
+                continue
+            state = self.states.get(name, ModelState())
+            if state.error:
+                tried = [v for v in state.failed_versions if v not in loaded] or [""]
+                entries += [IndexEntry(name, v, "UNAVAILABLE", state.error) for v in tried]
+            elif not loaded:
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", state.reason or "not loaded"))
+        return entries
 
     def metric_label(self, name: str) -> str:
         """``name`` if it is a loaded model, else "" (bounded label cardinality)."""
-        return name if name in self.models else ""
+        return name if name in self.versions else ""
+
+
+def _warmup_file(model_dir: Path, name: str, dtype: type, shape: list[int]) -> np.ndarray:
+    """Raw little-endian tensor bytes from ``<model>/warmup/<name>`` (Triton's convention)."""
+    if not _PLAIN_FILE.match(name):
+        raise cfgmod.ConfigError(f"model_warmup input_data_file {name!r} must be a plain file name in warmup/")
+    data = (model_dir / "warmup" / name).read_bytes()
+    array = np.frombuffer(data, dtype=dtype)
+    if array.size != int(np.prod(shape)):
+        raise cfgmod.ConfigError(f"warm-up file {name!r} holds {array.size} values, {shape} needs {np.prod(shape)}")
+    return array.reshape(shape)
 
 
 def _printable(text: str, limit: int = 64) -> str:

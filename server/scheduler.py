@@ -32,7 +32,7 @@ class BatchObserver(Protocol):
     """Where the batcher reports what it did (metrics); it knows nothing more about them."""
 
     def observe_queue(self, seconds: float) -> None: ...
-    def observe_batch(self, size: int, seconds: float) -> None: ...
+    def observe_batch(self, size: int, compute_input: float, compute_infer: float, compute_output: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class BatchingConfig:
     max_queue_delay: float = 0.002  # seconds the oldest request may wait for company
     max_queue_size: int = 1024  # queued requests beyond this are refused (backpressure)
     instances: int = 1  # batches allowed to run at once
+    # Batch sizes to dispatch at as soon as they are reached and nothing compatible is waiting (Triton's meaning).
+    preferred_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -190,6 +192,8 @@ class DynamicBatcher:
                 remaining = flush_at - time.monotonic()
                 if size >= cap or remaining <= 0:
                     break
+                if size in self.config.preferred_batch_sizes and not more:
+                    break
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -208,9 +212,10 @@ class DynamicBatcher:
                 feeds: Mapping[str, np.ndarray] = batch[0].inputs
             else:
                 feeds = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            gathered = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+                outputs, infer_seconds = await loop.run_in_executor(self._executor, self._timed_run, feeds)
             except OpticError as exc:
                 self._fail(batch, exc)
                 return
@@ -223,8 +228,7 @@ class DynamicBatcher:
                 if wrong:
                     self._fail(batch, Internal(f"model {self.name!r} returned {wrong} for a batch of {total}"))
                     return
-            if self._observer:
-                self._observer.observe_batch(total, time.monotonic() - started)
+            split_start = time.monotonic()
             offset = 0
             for p in batch:
                 if not p.future.done():
@@ -233,8 +237,16 @@ class DynamicBatcher:
                     else:
                         p.future.set_result(dict(outputs))
                 offset += p.size
+            if self._observer:
+                done = time.monotonic()
+                self._observer.observe_batch(total, gathered - started, infer_seconds, done - split_start)
         finally:
             self._slots.release()
+
+    def _timed_run(self, feeds: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], float]:
+        started = time.monotonic()
+        outputs = self._run(feeds)
+        return outputs, time.monotonic() - started
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: OpticError) -> None:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 
 from server import __version__
 from server.api.common import rpc, time_left
-from server.errors import InvalidArgument
+from server.errors import FailedPrecondition, Internal, InvalidArgument, OpticError
+from server.metrics import REQUEST_LATENCY, REQUESTS, Duration, ModelStats
 from server.proto.inference import grpc_service_pb2 as pb
 from server.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository, ServedModel
 from server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
 
 PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
+MAX_CLASSIFICATION = 1000
+STREAM_WINDOW = 64  # requests of one stream in flight; beyond it, reading pauses (gRPC flow control does the rest)
 
 
 def decode_inputs(request: pb.ModelInferRequest, model: ServedModel) -> dict[str, np.ndarray]:
@@ -88,15 +94,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        model = self.repo.models.get(request.name)
-        ready = model is not None and request.version in ("", model.version) and not self._draining()
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version) and not self._draining())
 
     @rpc("ServerMetadata")
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="optic", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name="optic", version=__version__, extensions=EXTENSIONS)
 
     @rpc("ModelMetadata", lambda r: r.name)
     async def ModelMetadata(
@@ -105,7 +109,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.repo.get(request.name, request.version)
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[model.version],
+            versions=sorted(self.repo.versions.get(model.name, {}), key=int),
             platform=PLATFORM,
             inputs=tensor_metadata(model, "inputs"),
             outputs=tensor_metadata(model, "outputs"),
@@ -115,19 +119,201 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        model = self.repo.get(request.model_name, request.model_version)
-        known = {s.name: s for s in model.outputs}
-        wanted = [o.name for o in request.outputs] or list(known)
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            raise InvalidArgument(
-                f"model {model.name!r} has no output {unknown[0][:64]!r}; its outputs are {', '.join(known)}"
-            )
-        inputs = decode_inputs(request, model)
-        outputs = await model.batcher.infer(inputs, time_left(context))
+        return await self._infer(request, time_left(context))
+
+    async def _infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
+        with self.repo.use(request.model_name, request.model_version) as model:
+            known = {s.name: s for s in model.outputs}
+            wanted = [o.name for o in request.outputs] or list(known)
+            unknown = [n for n in wanted if n not in known]
+            if unknown:
+                raise InvalidArgument(
+                    f"model {model.name!r} has no output {unknown[0][:64]!r}; its outputs are {', '.join(known)}"
+                )
+            top_k = {o.name: _classification_k(o) for o in request.outputs}
+            timeout = _request_timeout(request, model, timeout)
+            inputs = decode_inputs(request, model)
+            outputs = await model.infer(inputs, timeout)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name in wanted:
             array = outputs[name]
-            response.outputs.add(name=name, datatype=known[name].datatype, shape=array.shape)
+            datatype = known[name].datatype
+            if top_k.get(name):
+                array, datatype = classify(array, top_k[name], model.meta.labels, model.max_batch_size > 0), "BYTES"
+            response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             response.raw_output_contents.append(to_raw(array))
         return response
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently (so they batch); responses come back in request order, errors in-band."""
+        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await pending.put(asyncio.ensure_future(self._counted_infer(request, time_left(context))))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    yield pb.ModelStreamInferResponse(infer_response=await task)
+                except OpticError as exc:
+                    yield pb.ModelStreamInferResponse(
+                        error_message=exc.message, infer_response=pb.ModelInferResponse(id=exc.request_id)
+                    )
+        finally:
+            reader.cancel()
+
+    async def _counted_infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
+        label = self.repo.metric_label(request.model_name)
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await self._infer(request, timeout)
+        except OpticError as exc:
+            code = exc.code
+            exc.request_id = request.id
+            raise
+        except Exception as exc:  # never let one request end the stream
+            code = "INTERNAL"
+            error = Internal(f"internal error in ModelStreamInfer: {type(exc).__name__}")
+            error.request_id = request.id
+            raise error from exc
+        finally:
+            REQUESTS.labels(label, "ModelStreamInfer", code).inc()
+            REQUEST_LATENCY.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)
+
+    @rpc("ModelConfig", lambda r: r.name)
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self.repo.get(request.name, request.version).config)
+
+    @rpc("ModelStatistics", lambda r: r.name)
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            self.repo.get(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as for inference
+        response = pb.ModelStatisticsResponse()
+        for name, versions in sorted(self.repo.versions.items()):
+            if request.name and name != request.name:
+                continue
+            for version, model in sorted(versions.items(), key=lambda kv: int(kv[0])):
+                if request.version and version != request.version:
+                    continue
+                response.model_stats.append(statistics(model.stats))
+        return response
+
+    @rpc("RepositoryIndex")
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = self.repo.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in entries
+            ]
+        )
+
+    @rpc("RepositoryModelLoad", lambda r: r.model_name)
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        self._require_explicit("load")
+        await self.repo.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc("RepositoryModelUnload", lambda r: r.model_name)
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._require_explicit("unload")
+        await self.repo.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _require_explicit(self, action: str) -> None:
+        if self.repo.control_mode != "explicit":
+            raise FailedPrecondition(
+                f"model {action} requests need --model-control-mode explicit (this server runs "
+                f"{self.repo.control_mode!r})"
+            )
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics(stats: ModelStats) -> pb.ModelStatistics:
+    """Triton's ModelStatistics from our counters."""
+    return pb.ModelStatistics(
+        name=stats.model,
+        version=stats.version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute.compute_input),
+            compute_infer=_duration(stats.compute.compute_infer),
+            compute_output=_duration(stats.compute.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(stats.batches.items())
+        ],
+    )
+
+
+def _parameter(p: pb.InferParameter) -> int | str | bool | float | None:
+    choice = p.WhichOneof("parameter_choice")
+    return getattr(p, choice) if choice else None
+
+
+def _classification_k(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
+    if "classification" not in output.parameters:
+        return 0
+    k = _parameter(output.parameters["classification"])
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_CLASSIFICATION:
+        raise InvalidArgument(
+            f"output {output.name[:64]!r}: 'classification' must be an integer 1 to {MAX_CLASSIFICATION}, got {k!r}"
+        )
+    return k
+
+
+def _request_timeout(request: pb.ModelInferRequest, model: ServedModel, timeout: float | None) -> float | None:
+    """Triton's ``timeout`` request parameter (microseconds) tightens the deadline when the policy allows."""
+    if "timeout" not in request.parameters:
+        return timeout
+    value = _parameter(request.parameters["timeout"])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer of microseconds, got {value!r}")
+    if not model.config.dynamic_batching.default_queue_policy.allow_timeout_override or value == 0:
+        return timeout
+    return value / 1e6 if timeout is None else min(timeout, value / 1e6)
+
+
+def classify(scores: np.ndarray, k: int, labels: tuple[str, ...], batched: bool) -> np.ndarray:
+    """Triton's classification extension: top-k per sample as BYTES ``"score:index:label"``."""
+    rows = scores.reshape(scores.shape[0], -1) if batched else scores.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    out = np.empty((rows.shape[0], k), dtype=object)
+    for i, row in enumerate(top):
+        for j, c in enumerate(row):
+            label = labels[c] if c < len(labels) else ""
+            out[i, j] = f"{rows[i, c]:f}:{c}:{label}".encode()
+    return out if batched else out[0]

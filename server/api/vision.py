@@ -42,13 +42,13 @@ class VisionServicer(pb_grpc.VisionServicer):
 
     @rpc("Classify", lambda r: r.model)
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        model = self.repo.get(request.model, request.model_version)
-        _require_task(model, "classification", "Classify")
-        if request.top_k > MAX_TOP_K:
-            raise InvalidArgument(f"top_k is {request.top_k}; at most {MAX_TOP_K}")
-        tensor = await self._preprocess(classification.preprocess, request.image.data, model)
-        name = model.inputs[0].name
-        outputs = await model.batcher.infer({name: tensor[None]}, time_left(context))
+        with self.repo.use(request.model, request.model_version) as model:
+            _require_task(model, "classification", "Classify")
+            if request.top_k > MAX_TOP_K:
+                raise InvalidArgument(f"top_k is {request.top_k}; at most {MAX_TOP_K}")
+            tensor = await self._preprocess(classification.preprocess, request.image.data, model)
+            name = model.inputs[0].name
+            outputs = await model.infer({name: tensor[None]}, time_left(context))
         scores = outputs[model.outputs[0].name][0]
         labels = classification.postprocess(scores, model.meta, request.top_k)
         return pb.ClassifyResponse(

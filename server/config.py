@@ -1,0 +1,219 @@
+"""Triton's ``config.pbtxt``: parsed into our ``inference.ModelConfig`` subset, then completed from the model.
+
+The text is read by protobuf's own text-format parser (Triton's field names
+and numbers, see ``protos/inference/model_config.proto``). Fields Triton knows
+and we do not (``optimization``, ``sequence_batching``...) or misspelt ones
+are skipped and named in a warning, never fatal. What the file leaves out is
+derived from the ONNX model and the server's command-line defaults, and that
+*effective* configuration is what the ModelConfig RPC returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from server.proto.inference import model_config_pb2 as mc
+from server.runtime import TensorSpec
+from server.scheduler import BatchingConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.pbtxt"
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+_TYPE_OF = {  # KServe datatype -> Triton config enum
+    "BOOL": mc.TYPE_BOOL,
+    "UINT8": mc.TYPE_UINT8,
+    "UINT16": mc.TYPE_UINT16,
+    "UINT32": mc.TYPE_UINT32,
+    "UINT64": mc.TYPE_UINT64,
+    "INT8": mc.TYPE_INT8,
+    "INT16": mc.TYPE_INT16,
+    "INT32": mc.TYPE_INT32,
+    "INT64": mc.TYPE_INT64,
+    "FP16": mc.TYPE_FP16,
+    "FP32": mc.TYPE_FP32,
+    "FP64": mc.TYPE_FP64,
+    "BYTES": mc.TYPE_STRING,
+    "BF16": mc.TYPE_BF16,
+}
+
+
+class ConfigError(ValueError):
+    """The model's configuration cannot be used; the message says which field and why."""
+
+
+class _RecordingParser(text_format._Parser):
+    """protobuf's parser, noting the names of the fields it skips."""
+
+    def __init__(self) -> None:
+        super().__init__(allow_unknown_field=True)
+        self.skipped: list[str] = []
+
+    def _SkipFieldContents(self, tokenizer, field_name, immediate_message_type) -> None:  # noqa: ANN001
+        self.skipped.append(f"{immediate_message_type.removeprefix('inference.')}.{field_name}")
+        super()._SkipFieldContents(tokenizer, field_name, immediate_message_type)
+
+
+@dataclass
+class FileConfig:
+    """What ``config.pbtxt`` said."""
+
+    config: mc.ModelConfig = field(default_factory=mc.ModelConfig)
+    ignored: list[str] = field(default_factory=list)  # fields skipped, as Message.field
+    sets_max_batch_size: bool = False  # proto3 cannot tell an explicit 0 from absence
+
+
+def parse(text: str, source: str = CONFIG_FILE) -> FileConfig:
+    config = mc.ModelConfig()
+    parser = _RecordingParser()
+    try:
+        parser.ParseLines(text.split("\n"), config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    explicit = re.search(r"^\s*max_batch_size\s*:", text, re.MULTILINE) is not None
+    return FileConfig(config, parser.skipped, explicit)
+
+
+def read(model_dir: Path) -> FileConfig:
+    """The model directory's ``config.pbtxt``, or an empty one when there is none."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return FileConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    return parse(text, str(path))
+
+
+def select_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
+    """Versions to serve under the config's ``version_policy`` (Triton's default: the latest one)."""
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return sorted(available)
+    if choice == "specific":
+        missing = sorted(set(policy.specific.versions) - set(available))
+        if missing:
+            raise ConfigError(f"version_policy names version(s) {missing} that are not on disk (found {available})")
+        return sorted(set(policy.specific.versions))
+    count = policy.latest.num_versions if choice == "latest" and policy.latest.num_versions else 1
+    return sorted(available)[-count:]
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The server's command-line defaults, used where a config says nothing."""
+
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    queue_timeout: float | None = None  # seconds; None: only the client's deadline applies
+
+
+def effective(
+    file: FileConfig,
+    name: str,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    batchable: bool,
+    defaults: Defaults,
+) -> mc.ModelConfig:
+    """The config as served: the file's fields, checked against the model, the rest filled in."""
+    config = file.config
+    cfg = mc.ModelConfig()
+    cfg.CopyFrom(config)
+    if cfg.name and cfg.name != name:
+        raise ConfigError(f"config.pbtxt names the model {cfg.name!r}, but its directory is {name!r}")
+    cfg.name = name
+    if cfg.platform and cfg.platform != PLATFORM:
+        raise ConfigError(f"platform {cfg.platform!r} is not served here; Optic runs {PLATFORM!r}")
+    if cfg.backend and cfg.backend != BACKEND:
+        raise ConfigError(f"backend {cfg.backend!r} is not served here; Optic runs {BACKEND!r}")
+    cfg.platform, cfg.backend = PLATFORM, BACKEND
+    if cfg.max_batch_size < 0:
+        raise ConfigError(f"max_batch_size must be 0 or more, not {cfg.max_batch_size}")
+    if not file.sets_max_batch_size:
+        cfg.max_batch_size = defaults.batching.max_batch_size if batchable else 0
+    if cfg.max_batch_size > 0 and not batchable:
+        raise ConfigError(f"max_batch_size is {cfg.max_batch_size}, but the model has no dynamic batch axis")
+    _tensors(cfg.input, inputs, "input", cfg.max_batch_size)
+    _tensors(cfg.output, outputs, "output", cfg.max_batch_size)
+    if cfg.max_batch_size > 0:
+        db = cfg.dynamic_batching
+        if not config.HasField("dynamic_batching") or not db.max_queue_delay_microseconds:
+            db.max_queue_delay_microseconds = round(defaults.batching.max_queue_delay * 1e6)
+        bad = [b for b in db.preferred_batch_size if not 1 <= b <= cfg.max_batch_size]
+        if bad:
+            raise ConfigError(f"preferred_batch_size {bad} outside 1..max_batch_size ({cfg.max_batch_size})")
+        policy = db.default_queue_policy
+        if not policy.max_queue_size:
+            policy.max_queue_size = defaults.batching.max_queue_size
+        if not policy.default_timeout_microseconds and defaults.queue_timeout:
+            policy.default_timeout_microseconds = round(defaults.queue_timeout * 1e6)
+    if not cfg.instance_group:
+        cfg.instance_group.add(count=defaults.batching.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for group in cfg.instance_group:
+        if group.count < 0 or group.count > 64:
+            raise ConfigError(f"instance_group count must be 1 to 64, not {group.count}")
+        group.count = group.count or 1
+    if not cfg.version_policy.WhichOneof("policy_choice"):
+        cfg.version_policy.latest.num_versions = 1
+    for warm in cfg.model_warmup:
+        unknown = sorted(set(warm.inputs) - {t.name for t in inputs})
+        if unknown:
+            raise ConfigError(f"model_warmup {warm.name!r} names input(s) {unknown} the model does not have")
+        if cfg.max_batch_size and warm.batch_size > cfg.max_batch_size:
+            raise ConfigError(f"model_warmup {warm.name!r} batch_size {warm.batch_size} > max_batch_size")
+    return cfg
+
+
+def batching_of(cfg: mc.ModelConfig) -> tuple[BatchingConfig, float | None, bool]:
+    """Scheduler settings from an effective config: (batching, queue timeout in s or None, reject on timeout)."""
+    db = cfg.dynamic_batching
+    policy = db.default_queue_policy
+    batching = BatchingConfig(
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay=db.max_queue_delay_microseconds / 1e6,
+        max_queue_size=policy.max_queue_size or BatchingConfig.max_queue_size,
+        instances=sum(g.count for g in cfg.instance_group),
+        preferred_batch_sizes=tuple(sorted(set(db.preferred_batch_size))),
+    )
+    timeout = policy.default_timeout_microseconds / 1e6 if policy.default_timeout_microseconds else None
+    return batching, timeout, policy.timeout_action == mc.ModelQueuePolicy.REJECT
+
+
+def _tensors(declared, actual: list[TensorSpec], kind: str, max_batch_size: int) -> None:  # noqa: ANN001
+    """Check declared inputs/outputs against the ONNX graph; declare the undeclared ones."""
+    by_name = {t.name: t for t in actual}
+    for d in declared:
+        spec = by_name.get(d.name)
+        if spec is None:
+            raise ConfigError(f"{kind} {d.name!r} is not in the model; it has {', '.join(by_name)}")
+        if d.data_type != mc.TYPE_INVALID and d.data_type != _TYPE_OF[spec.datatype]:
+            raise ConfigError(
+                f"{kind} {d.name!r} is declared {mc.DataType.Name(d.data_type)}, the model has "
+                f"{mc.DataType.Name(_TYPE_OF[spec.datatype])}"
+            )
+        shape = list(spec.shape[1:] if max_batch_size > 0 else spec.shape)
+        dims = list(d.dims)
+        differs = len(dims) != len(shape) or any(a != b and -1 not in (a, b) for a, b in zip(dims, shape, strict=False))
+        if dims and differs:
+            raise ConfigError(f"{kind} {d.name!r} has dims {dims}; the model's are {shape} (batch axis excluded)")
+    named = {d.name for d in declared}
+    for spec in actual:
+        if spec.name not in named:
+            declared.add(
+                name=spec.name,
+                data_type=_TYPE_OF[spec.datatype],
+                dims=spec.shape[1:] if max_batch_size > 0 else spec.shape,
+            )
+        else:
+            d = next(d for d in declared if d.name == spec.name)
+            d.data_type = _TYPE_OF[spec.datatype]
+            if not d.dims:
+                d.dims.extend(spec.shape[1:] if max_batch_size > 0 else spec.shape)
