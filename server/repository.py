@@ -28,7 +28,7 @@ import numpy as np
 
 from server import config as cfgmod
 from server.errors import NotFound, OpticError, Unavailable
-from server.metadata import MODEL_NAME, MetadataError, ModelMeta
+from server.metadata import MODEL_NAME, ModelMeta
 from server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
 from server.proto.inference import model_config_pb2 as mc
 from server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
@@ -251,8 +251,8 @@ class ModelRepository:
             started = time.monotonic()
             try:
                 built = await asyncio.get_running_loop().run_in_executor(self._loader, self._build, name, model_dir)
-            except (cfgmod.ConfigError, MetadataError, ValueError, RuntimeError, OSError) as exc:
-                state.error = str(exc)
+            except Exception as exc:  # onnxruntime raises its own types for a bad file
+                state.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError | ValueError) else str(exc)
                 state.failed_versions = tuple(str(v) for v in sorted(self._version_files(model_dir, MODEL_FILE)))
                 MODEL_LOAD_FAILURES.labels(name).inc()
                 kept = ", ".join(self.versions.get(name, {})) or "none"

@@ -156,3 +156,28 @@ def test_lone_request_waits_at_most_the_queue_delay():
 
     waited = run(_with_batcher(Recorder(), BatchingConfig(max_batch_size=8, max_queue_delay=0.05), body))
     assert 0.04 <= waited < 2.0
+
+
+def test_preferred_batch_size_dispatches_without_waiting_out_the_delay():
+    model = Recorder()
+    config = BatchingConfig(max_batch_size=8, max_queue_delay=2.0, preferred_batch_sizes=(2,))
+
+    async def body(b):
+        started = time.monotonic()
+        await asyncio.gather(*(b.infer({"x": np.ones((1, 4), np.float32)}) for _ in range(2)))
+        return time.monotonic() - started
+
+    elapsed = run(_with_batcher(model, config, body))
+    assert model.sizes == [2] and elapsed < 1.0  # not the 2 s queue delay
+
+
+def test_without_preferred_sizes_a_partial_batch_waits_for_the_delay():
+    model = Recorder()
+    config = BatchingConfig(max_batch_size=8, max_queue_delay=0.3)
+
+    async def body(b):
+        started = time.monotonic()
+        await asyncio.gather(*(b.infer({"x": np.ones((1, 4), np.float32)}) for _ in range(2)))
+        return time.monotonic() - started
+
+    assert run(_with_batcher(model, config, body)) >= 0.25 and model.sizes == [2]

@@ -1,0 +1,304 @@
+"""Repository lifecycle against real servers on temporary repositories: config.pbtxt, versions,
+explicit load/unload, polling with swaps under load, statistics, streaming, classification extension."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import MODEL_REPO, start_server
+
+CLASSIFIER = MODEL_REPO / "classifier" / "1" / "model.onnx"
+
+CONFIG = """
+name: "classifier"
+max_batch_size: 8
+version_policy: { all { } }
+input [ { name: "images" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 8 ]
+  max_queue_delay_microseconds: 5000
+  default_queue_policy { max_queue_size: 64 default_timeout_microseconds: 20000000 }
+}
+instance_group [ { count: 2 kind: KIND_CPU } ]
+parameters { key: "note" value: { string_value: "from a test" } }
+model_warmup [ {
+  name: "zeros" batch_size: 2
+  inputs { key: "images" value: { data_type: TYPE_FP32 dims: [ 3, 64, 64 ] zero_data: true } }
+} ]
+optimization { graph { level: 1 } }
+response_cache { enable: true }
+"""
+
+
+def _repo(tmp: Path, versions: tuple[int, ...] = (1,), config: str | None = None, extra: tuple[str, ...] = ()) -> Path:
+    repo = tmp / "repo"
+    for v in versions:
+        (repo / "classifier" / str(v)).mkdir(parents=True)
+        shutil.copy(CLASSIFIER, repo / "classifier" / str(v) / "model.onnx")
+    if config is not None:
+        (repo / "classifier" / "config.pbtxt").write_text(config)
+    for name in extra:
+        shutil.copytree(MODEL_REPO / name, repo / name)
+    return repo
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, 3, 64, 64)).astype(np.float32)
+
+
+def _input(x: np.ndarray) -> tc.InferInput:
+    inp = tc.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def _expected(x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(CLASSIFIER)).run(None, {"images": x})[0]
+
+
+def _wait(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def configured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("configured")
+    srv = start_server(tmp, repo=_repo(tmp, (1, 2), CONFIG))
+    with tc.InferenceServerClient(srv.url) as client:
+        yield srv, client
+    assert srv.stop() == 0, srv.log()
+
+
+def test_config_pbtxt_is_applied_and_completed(configured):
+    srv, client = configured
+    config = client.get_model_config("classifier", as_json=True)["config"]
+    assert config["max_batch_size"] == 8 and config["platform"] == "onnxruntime_onnx"
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 64
+    assert config["instance_group"][0]["count"] == 2
+    assert config["parameters"]["note"]["string_value"] == "from a test"
+    assert config["output"][0]["name"] == "logits" and config["output"][0]["dims"] == ["5"]  # filled from the model
+    log = srv.log()
+    assert "ModelConfig.optimization" in log and "ModelConfig.response_cache" in log  # named, not fatal
+
+
+def test_versions_all_served_and_named(configured):
+    _, client = configured
+    assert list(client.get_model_metadata("classifier").versions) == ["1", "2"]
+    assert client.is_model_ready("classifier", "1") and client.is_model_ready("classifier", "2")
+    x = _images(3)
+    for version in ("1", "2", ""):
+        result = client.infer("classifier", [_input(x)], model_version=version)
+        assert result.get_response().model_version == (version or "2")  # the default is the latest
+        np.testing.assert_allclose(result.as_numpy("logits"), _expected(x), atol=1e-4)
+    with pytest.raises(InferenceServerException, match="no version '7'"):
+        client.infer("classifier", [_input(x)], model_version="7")
+
+
+def test_batched_results_equal_unbatched_for_64_concurrent_inputs(configured):
+    _, client = configured
+    x = _images(64, seed=3)
+    results: queue.Queue = queue.Queue()
+    for i in range(64):
+        client.async_infer(
+            "classifier", [_input(x[i : i + 1])], lambda result, error, i=i: results.put((i, result, error))
+        )
+    got = np.zeros((64, 5), np.float32)
+    for _ in range(64):
+        i, result, error = results.get(timeout=60)
+        assert error is None, error
+        got[i] = result.as_numpy("logits")[0]
+    np.testing.assert_allclose(got, _expected(x), atol=1e-4)
+    stats = client.get_inference_statistics("classifier", as_json=True)["model_stats"]
+    sizes = {int(b["batch_size"]) for s in stats for b in s.get("batch_stats", [])}
+    assert max(sizes) > 1, sizes  # some requests really were batched together
+
+
+def test_statistics(configured):
+    _, client = configured
+    before = client.get_inference_statistics("classifier", "1", as_json=True)["model_stats"][0]
+    for _ in range(5):
+        client.infer("classifier", [_input(_images(2))], model_version="1")
+    with pytest.raises(InferenceServerException):
+        client.infer("classifier", [_input(_images(9))], model_version="1")  # over max_batch_size: not counted
+    after = client.get_inference_statistics("classifier", "1", as_json=True)["model_stats"][0]
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 10
+    stats = after["inference_stats"]
+    assert (
+        int(stats["success"]["count"]) - int(before.get("inference_stats", {}).get("success", {}).get("count", 0)) == 5
+    )
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert int(stats[key]["count"]) > 0 and int(stats[key]["ns"]) > 0, key
+    assert int(after["execution_count"]) >= 5 and int(after["last_inference"]) > 0
+    everything = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert {(s["name"], s["version"]) for s in everything} == {("classifier", "1"), ("classifier", "2")}
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_inference_statistics("nope")
+
+
+def test_classification_extension(configured):
+    _, client = configured
+    x = _images(2, seed=9)
+    result = client.infer(
+        "classifier", [_input(x)], outputs=[tc.InferRequestedOutput("logits", class_count=3)]
+    ).as_numpy("logits")
+    assert result.shape == (2, 3)
+    want = _expected(x)
+    labels = ("circle", "square", "triangle", "star", "hexagon")
+    for row, logits in zip(result, want, strict=True):
+        entries = [e.decode().split(":") for e in row]
+        assert [int(e[1]) for e in entries] == list(np.argsort(-logits)[:3])
+        assert all(abs(float(e[0]) - logits[int(e[1])]) < 1e-4 and e[2] == labels[int(e[1])] for e in entries)
+
+
+def test_stream_infer_in_order_with_errors_in_band(configured):
+    srv, _ = configured
+    got: queue.Queue = queue.Queue()
+    with tc.InferenceServerClient(srv.url) as client:
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        x = _images(20, seed=4)
+        for i in range(20):
+            if i == 7:  # a bad request mid-stream: wrong input name
+                bad = tc.InferInput("pixels", [1, 3, 64, 64], "FP32")
+                bad.set_data_from_numpy(x[:1])
+                client.async_stream_infer("classifier", [bad], request_id="bad")
+            client.async_stream_infer("classifier", [_input(x[i : i + 1])], request_id=str(i))
+        answers = [got.get(timeout=30) for _ in range(21)]
+        client.stop_stream()
+    errors = [e for _, e in answers if e is not None]
+    assert len(errors) == 1 and "no input 'pixels'" in str(errors[0])
+    ids = [r.get_response().id for r, e in answers if e is None]
+    assert ids == [str(i) for i in range(20)]
+    outputs = np.concatenate([r.as_numpy("logits") for r, e in answers if e is None])
+    np.testing.assert_allclose(outputs, _expected(x), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ('name: "other"', "names the model 'other'"),
+        ("max_batch_size: -1", "max_batch_size must be 0 or more"),
+        ('input [ { name: "images" data_type: TYPE_INT64 } ]', "declared TYPE_INT64"),
+        ('input [ { name: "images" dims: [ 3, 32, 32 ] } ]', "has dims [3, 32, 32]"),
+        ("version_policy: { specific { versions: [ 4 ] } }", "version(s) [4] that are not on disk"),
+        ("max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 16 ] }", "preferred_batch_size [16]"),
+        ("max_batch_size: {", "config.pbtxt"),
+    ],
+    ids=["name", "negative-batch", "datatype", "dims", "versions", "preferred", "syntax"],
+)
+def test_bad_config_fails_only_that_model(tmp_path, config, reason):
+    srv = start_server(tmp_path, repo=_repo(tmp_path, config=config, extra=("segmenter",)))
+    try:
+        with tc.InferenceServerClient(srv.url) as client:
+            assert client.is_model_ready("segmenter") and not client.is_model_ready("classifier")
+            assert not client.is_server_ready()
+            index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+            assert index["classifier"]["state"] == "UNAVAILABLE" and reason in index["classifier"]["reason"]
+            with pytest.raises(InferenceServerException, match="failed to load") as err:
+                client.infer("classifier", [_input(_images(1))])
+            assert err.value.status() == "StatusCode.UNAVAILABLE"
+    finally:
+        assert srv.stop() == 0
+
+
+def test_explicit_mode_load_and_unload(tmp_path):
+    srv = start_server(
+        tmp_path,
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "classifier",
+        repo=_repo(tmp_path, extra=("segmenter",)),
+    )
+    try:
+        with tc.InferenceServerClient(srv.url) as client:
+            assert client.is_model_ready("classifier") and not client.is_model_ready("segmenter")
+            index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+            assert index["segmenter"]["state"] == "UNAVAILABLE"
+            client.load_model("segmenter")
+            assert client.is_model_ready("segmenter")
+            client.unload_model("classifier")
+            assert not client.is_model_ready("classifier")
+            with pytest.raises(InferenceServerException, match="unloaded"):
+                client.infer("classifier", [_input(_images(1))])
+            client.load_model("classifier")
+            assert client.is_model_ready("classifier")
+            for name in ("nope", "../repo", "classifier/1", ""):
+                with pytest.raises(InferenceServerException) as err:
+                    client.load_model(name)
+                assert err.value.status() == "StatusCode.NOT_FOUND", name
+            ready = client.get_model_repository_index(as_json=True)["models"]
+            assert {(m["name"], m.get("state")) for m in ready} == {("classifier", "READY"), ("segmenter", "READY")}
+    finally:
+        assert srv.stop() == 0
+
+
+def test_load_rpcs_refused_outside_explicit_mode(configured):
+    _, client = configured
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("classifier")
+    assert err.value.status() == "StatusCode.FAILED_PRECONDITION" and "explicit" in str(err.value)
+
+
+def test_poll_mode_swaps_under_load_with_zero_failures(tmp_path):
+    repo = _repo(tmp_path)
+    srv = start_server(tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.2", repo=repo)
+    failures: list[str] = []
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        x = _images(1)
+        with grpc.insecure_channel(srv.url), tc.InferenceServerClient(srv.url) as client:
+            while not stop.is_set():
+                try:
+                    answered.append(client.infer("classifier", [_input(x)]).get_response().model_version)
+                except InferenceServerException as exc:
+                    failures.append(str(exc))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for w in workers:
+            w.start()
+        with tc.InferenceServerClient(srv.url) as client:
+            _wait(lambda: len(answered) > 20)
+            (repo / "classifier" / "2").mkdir()
+            shutil.copy(CLASSIFIER, repo / "classifier" / "2" / "model.onnx")
+            _wait(lambda: client.get_model_metadata("classifier").versions == ["2"])
+            _wait(lambda: answered[-1] == "2")
+            # A corrupt new version: the serving one stays, the error is reported.
+            (repo / "classifier" / "3").mkdir()
+            (repo / "classifier" / "3" / "model.onnx").write_bytes(b"not an onnx file")
+            _wait(
+                lambda: any(
+                    m.get("state") == "UNAVAILABLE" and m.get("version") == "3"
+                    for m in client.get_model_repository_index(as_json=True)["models"]
+                )
+            )
+            n = len(answered)
+            _wait(lambda: len(answered) > n + 20)
+            assert client.is_model_ready("classifier", "2") and answered[-1] == "2"
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+        code = srv.stop()
+    assert failures == [], failures[:3]
+    assert code == 0
+    assert "failed to load classifier (still serving version(s): 2)" in srv.log()
