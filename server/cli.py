@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from server.runtime import DEVICES, RuntimeOptions
+from server.runtime import DEVICES, RuntimeOptions, providers_for
 from server.scheduler import BatchingConfig
 from server.tasks.image import ImageLimits
 
@@ -28,6 +28,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=1024, help="queued requests per model before refusing")
     p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
     p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per run (0: cores / instances)")
+    p.add_argument(
+        "--cuda-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CUDAExecutionProvider option (repeatable), e.g. device_id=0 or gpu_mem_limit=8589934592",
+    )
+    p.add_argument(
+        "--io-binding",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="onnxruntime I/O binding (auto: on for models running on CUDA)",
+    )
     p.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0: default)")
     p.add_argument(
         "--model-control-mode",
@@ -66,6 +79,12 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < (1 if flag in ("instances", "max_queue_size", "max_image_pixels") else 0):
             print(f"optic serve: --{flag.replace('_', '-')} is out of range", file=sys.stderr)
             return 2
+    bad = [o for o in args.cuda_option if "=" not in o or not o.split("=", 1)[0]]
+    if bad:
+        print(f"optic serve: --cuda-option {bad[0]!r} must be KEY=VALUE", file=sys.stderr)
+        return 2
+    cuda_options = tuple(tuple(o.split("=", 1)) for o in args.cuda_option)
+    io_binding = {"auto": None, "on": True, "off": False}[args.io_binding]
     max_bytes = int(args.max_message_mb * 1024 * 1024)
     config = ServerConfig(
         model_repo=args.model_repo,
@@ -74,7 +93,11 @@ def serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         runtime=RuntimeOptions(
-            device=args.device, intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads
+            device=args.device,
+            intra_op_threads=args.intra_op_threads,
+            inter_op_threads=args.inter_op_threads,
+            cuda_options=cuda_options,  # type: ignore[arg-type]
+            io_binding=io_binding,
         ),
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
@@ -92,6 +115,11 @@ def serve(args: argparse.Namespace) -> int:
     )
     if args.repository_poll_secs <= 0 or args.queue_timeout_ms < 0:
         print("optic serve: --repository-poll-secs must be > 0 and --queue-timeout-ms >= 0", file=sys.stderr)
+        return 2
+    try:
+        providers_for(args.device)  # --device cuda without CUDA: say so now, not once per model
+    except RuntimeError as exc:
+        print(f"optic serve: {exc}", file=sys.stderr)
         return 2
     if not args.model_repo.is_dir():
         print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)

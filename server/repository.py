@@ -73,11 +73,16 @@ class ServedModel:
     def outputs(self) -> list[TensorSpec]:
         return self.runtime.outputs
 
-    async def infer(self, inputs: Tensors, client_timeout: float | None) -> Tensors:
-        """Queue on this version's batcher under the tighter of the client's deadline and the queue policy."""
+    async def infer(self, inputs: Tensors, client_timeout: float | None, queue_timeout: float | None = None) -> Tensors:
+        """Queue on this version's batcher under the tighter of the client's deadline and the queue timeout.
+
+        ``queue_timeout`` (a request's own, where the policy allows overriding)
+        replaces the policy's default timeout.
+        """
         timeout = client_timeout
-        if self.queue_timeout is not None and self.reject_on_timeout:
-            timeout = self.queue_timeout if timeout is None else min(timeout, self.queue_timeout)
+        policy = queue_timeout if queue_timeout is not None else self.queue_timeout
+        if policy is not None and self.reject_on_timeout:
+            timeout = policy if timeout is None else min(timeout, policy)
         started = time.monotonic()
         samples = next(iter(inputs.values())).shape[0] if self.max_batch_size and inputs else 1
         try:

@@ -189,14 +189,25 @@ class DynamicBatcher:
                 more = self._take(batch[0].key, cap - size)
                 batch += more
                 size += sum(p.size for p in more)
-                remaining = flush_at - time.monotonic()
-                if size >= cap or remaining <= 0:
+                now = time.monotonic()
+                if size >= cap or flush_at <= now:
                     break
                 if size in self.config.preferred_batch_sizes and not more:
                     break
+                # Wake for the next arrival, the flush, or the first deadline of a request already gathered.
+                wake = min([flush_at, *(p.deadline for p in batch if p.deadline is not None)])
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    await asyncio.wait_for(self._arrived.wait(), max(0.0, wake - now))
+                now = time.monotonic()
+                live = [p for p in batch if self._live(p, now)]
+                if len(live) != len(batch):
+                    batch, size = live, sum(p.size for p in live)
+                    if not batch:
+                        break
+            if not batch:  # everything gathered expired or was cancelled while waiting
+                self._slots.release()
+                continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

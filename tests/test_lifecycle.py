@@ -302,3 +302,28 @@ def test_poll_mode_swaps_under_load_with_zero_failures(tmp_path):
     assert failures == [], failures[:3]
     assert code == 0
     assert "failed to load classifier (still serving version(s): 2)" in srv.log()
+
+
+def test_queue_policy_timeout_rejects_before_inference(tmp_path):
+    config = """
+max_batch_size: 8
+dynamic_batching {
+  max_queue_delay_microseconds: 1000000
+  default_queue_policy { default_timeout_microseconds: 100000 allow_timeout_override: true }
+}
+"""
+    srv = start_server(tmp_path, repo=_repo(tmp_path, config=config))
+    try:
+        with tc.InferenceServerClient(srv.url) as client:
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("classifier", [_input(_images(1))])
+            assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and time.monotonic() - started < 0.9
+            stats = client.get_inference_statistics("classifier", as_json=True)["model_stats"][0]
+            assert "execution_count" not in stats  # nothing reached the session
+            assert int(stats["inference_stats"]["fail"]["count"]) == 1
+            # The request's own timeout (allowed by the policy) replaces the default: it waits out the delay.
+            result = client.infer("classifier", [_input(_images(1))], timeout=5_000_000)
+            assert result.as_numpy("logits").shape == (1, 5)
+    finally:
+        assert srv.stop() == 0

@@ -181,3 +181,17 @@ def test_without_preferred_sizes_a_partial_batch_waits_for_the_delay():
         return time.monotonic() - started
 
     assert run(_with_batcher(model, config, body)) >= 0.25 and model.sizes == [2]
+
+
+def test_deadline_while_gathering_answers_promptly_and_never_runs():
+    model = Recorder()
+    config = BatchingConfig(max_batch_size=8, max_queue_delay=2.0)
+
+    async def body(b):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await b.infer({"x": np.ones((1, 4), np.float32)}, timeout=0.1)
+        return time.monotonic() - started
+
+    elapsed = run(_with_batcher(model, config, body))
+    assert elapsed < 1.0 and model.sizes == []

@@ -131,9 +131,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"model {model.name!r} has no output {unknown[0][:64]!r}; its outputs are {', '.join(known)}"
                 )
             top_k = {o.name: _classification_k(o) for o in request.outputs}
-            timeout = _request_timeout(request, model, timeout)
+            queue_timeout = _queue_timeout(request, model)
             inputs = decode_inputs(request, model)
-            outputs = await model.infer(inputs, timeout)
+            outputs = await model.infer(inputs, timeout, queue_timeout)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name in wanted:
             array = outputs[name]
@@ -294,16 +294,16 @@ def _classification_k(output: pb.ModelInferRequest.InferRequestedOutputTensor) -
     return k
 
 
-def _request_timeout(request: pb.ModelInferRequest, model: ServedModel, timeout: float | None) -> float | None:
-    """Triton's ``timeout`` request parameter (microseconds) tightens the deadline when the policy allows."""
+def _queue_timeout(request: pb.ModelInferRequest, model: ServedModel) -> float | None:
+    """Triton's ``timeout`` request parameter (microseconds): replaces the queue policy's default if allowed."""
     if "timeout" not in request.parameters:
-        return timeout
+        return None
     value = _parameter(request.parameters["timeout"])
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer of microseconds, got {value!r}")
     if not model.config.dynamic_batching.default_queue_policy.allow_timeout_override or value == 0:
-        return timeout
-    return value / 1e6 if timeout is None else min(timeout, value / 1e6)
+        return None
+    return value / 1e6
 
 
 def classify(scores: np.ndarray, k: int, labels: tuple[str, ...], batched: bool) -> np.ndarray:
