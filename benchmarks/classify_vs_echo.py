@@ -63,25 +63,32 @@ def echo_server(port: int, reply_size: int) -> None:
     asyncio.run(main())
 
 
-def load(url: str, payloads: list[bytes], concurrency: int, warmup: float, seconds: float, out: mp.Queue) -> None:
+def load(
+    url: str,
+    payloads: list[bytes],
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    out: mp.Queue,
+    method: str = METHOD,
+) -> None:
     """Closed loop: each caller sends its next request as soon as its last one is answered."""
 
     async def main() -> dict:
         latencies: list[float] = []
-        errors = 0
+        errors: dict[str, int] = {}
         async with grpc.aio.insecure_channel(url) as channel:
-            call = channel.unary_unary(METHOD)
+            call = channel.unary_unary(method)
             start = time.perf_counter()
             measure_from, stop_at = start + warmup, start + warmup + seconds
 
             async def caller(i: int) -> None:
-                nonlocal errors
                 n = i
                 while (now := time.perf_counter()) < stop_at:
                     try:
                         await call(payloads[n % len(payloads)], timeout=30)
-                    except grpc.RpcError:
-                        errors += 1
+                    except grpc.RpcError as exc:
+                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
                     done = time.perf_counter()
                     if now >= measure_from:
                         latencies.append(done - now)
@@ -116,9 +123,10 @@ def wait_ready(url: str, timeout: float = 90.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def run_load(url: str, payloads: list[bytes], args: argparse.Namespace) -> dict:
+def run_load(url: str, payloads: list[bytes], args: argparse.Namespace, method: str = METHOD) -> dict:
+    """The load generator in its own process, so it does not share the server's cores' event loop."""
     queue: mp.Queue = mp.Queue()
-    proc = mp.Process(target=load, args=(url, payloads, args.concurrency, args.warmup, args.seconds, queue))
+    proc = mp.Process(target=load, args=(url, payloads, args.concurrency, args.warmup, args.seconds, queue, method))
     proc.start()
     result = queue.get(timeout=args.warmup + args.seconds + 120)
     proc.join()

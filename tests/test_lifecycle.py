@@ -327,3 +327,20 @@ dynamic_batching {
             assert result.as_numpy("logits").shape == (1, 5)
     finally:
         assert srv.stop() == 0
+
+
+def test_metrics_are_labelled_by_model_and_version(configured):
+    import urllib.request
+
+    srv, client = configured
+    client.infer("classifier", [_input(_images(1))], model_version="1")
+    text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+    for line in (
+        'optic_model_ready{model="classifier",version="1"} 1.0',
+        'optic_model_ready{model="classifier",version="2"} 1.0',
+        'optic_queue_size{model="classifier",version="2"}',
+        'optic_inferences_total{model="classifier",outcome="success",version="1"}',
+        'optic_batch_size_bucket{le="1.0",model="classifier",version="1"}',
+        'optic_compute_duration_seconds_count{model="classifier",version="1"}',
+    ):
+        assert line in text, line

@@ -1,0 +1,202 @@
+"""Serving-core figures, measured in one run on one machine (issue 4).
+
+(a) KServe ModelInfer throughput, 64 concurrent closed-loop callers sending one
+    image tensor each, dynamic batching on (defaults) vs off
+    (``--max-batch-size 0``), for the classifier and the detector; rounds
+    alternate on/off and the median is reported.
+(b) Latency of a lone request (one caller, sequential) through the server vs
+    calling the same onnxruntime session in-process on the same tensor:
+    the difference is the serving overhead. Measured with the default 2 ms
+    batching window and with ``--max-queue-delay-ms 0``.
+(c) Poll-mode swaps under load: 16 callers for 12 s while two new versions are
+    dropped into the repository; every failed request is counted.
+
+The load generator runs in its own process (see classify_vs_echo.py).
+
+    python benchmarks/serving_core.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.classify_vs_echo import free_port, load, wait_ready  # noqa: E402
+from server.proto.inference import grpc_service_pb2 as pb  # noqa: E402
+from server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+SHAPES = {"classifier": (3, 64, 64), "detector": (3, 96, 96)}
+
+
+def request(model: str, x: np.ndarray) -> bytes:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="images", datatype="FP32", shape=x.shape)
+    req.raw_input_contents.append(x.tobytes())
+    return req.SerializeToString()
+
+
+def payloads(model: str, n: int = 64) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [request(model, rng.random((1, *SHAPES[model]), dtype=np.float32)) for _ in range(n)]
+
+
+def start(repo: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1"]
+    cmd += ["--grpc-port", str(port), "--metrics-port", "0", "--log-level", "WARNING", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"127.0.0.1:{port}"
+    wait_ready(url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # ready = models loaded and warmed up
+        with grpc.insecure_channel(url) as ch:
+            call = ch.unary_unary("/inference.GRPCInferenceService/ServerReady")
+            reply = pb.ServerReadyResponse.FromString(call(pb.ServerReadyRequest().SerializeToString(), timeout=5))
+            if reply.ready:
+                return proc, url
+        time.sleep(0.2)
+    raise RuntimeError("server not ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def closed_loop(url: str, data: list[bytes], concurrency: int, warmup: float, seconds: float) -> dict:
+    out: mp.Queue = mp.Queue()
+    p = mp.Process(target=load, args=(url, data, concurrency, warmup, seconds, out, INFER))
+    p.start()
+    result = out.get(timeout=warmup + seconds + 120)
+    p.join()
+    return result
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    results: dict = {}
+    for model in ("classifier", "detector"):
+        data = payloads(model)
+        runs: dict[str, list[dict]] = {"batching_on": [], "batching_off": []}
+        for _ in range(args.rounds):
+            for mode, flags in (("batching_on", ()), ("batching_off", ("--max-batch-size", "0"))):
+                proc, url = start(args.model_repo, *flags)
+                try:
+                    r = closed_loop(url, data, 64, args.warmup, args.seconds)
+                finally:
+                    stop(proc)
+                runs[mode].append(r)
+                print(
+                    f"{model:10s} {mode:12s} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+                    f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}",
+                    flush=True,
+                )
+        on = statistics.median(r["throughput_rps"] for r in runs["batching_on"])
+        off = statistics.median(r["throughput_rps"] for r in runs["batching_off"])
+        results[model] = {"runs": runs, "on_rps": on, "off_rps": off, "ratio_on_to_off": on / off}
+    return results
+
+
+def lone_latency(args: argparse.Namespace) -> dict:
+    results: dict = {}
+    for model in ("classifier", "detector"):
+        x = np.random.default_rng(1).random((1, *SHAPES[model]), dtype=np.float32)
+        local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions())
+        local.warmup([1])
+        times = []
+        for _ in range(args.lone_requests):
+            t = time.perf_counter()
+            local.run({"images": x})
+            times.append(time.perf_counter() - t)
+        results[model] = {"in_process": _pcts(times)}
+        del local
+        body = request(model, x)
+        for label, flags in (("served_default", ()), ("served_no_delay", ("--max-queue-delay-ms", "0"))):
+            proc, url = start(args.model_repo, *flags)
+            try:
+                with grpc.insecure_channel(url) as ch:
+                    call = ch.unary_unary(INFER)
+                    for _ in range(50):
+                        call(body, timeout=10)
+                    times = []
+                    for _ in range(args.lone_requests):
+                        t = time.perf_counter()
+                        call(body, timeout=10)
+                        times.append(time.perf_counter() - t)
+            finally:
+                stop(proc)
+            results[model][label] = _pcts(times)
+            results[model][label + "_overhead_p50_ms"] = (
+                results[model][label]["p50_ms"] - results[model]["in_process"]["p50_ms"]
+            )
+        print(model, json.dumps(results[model]), flush=True)
+    return results
+
+
+def poll_swap(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        shutil.copytree(args.model_repo / "classifier", repo / "classifier")
+        proc, url = start(repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.5")
+        out: mp.Queue = mp.Queue()
+        p = mp.Process(target=load, args=(url, payloads("classifier"), 16, 0.0, 12.0, out, INFER))
+        try:
+            p.start()
+            for version, at in (("2", 3.0), ("3", 7.0)):
+                time.sleep(at - (3.0 if version == "3" else 0.0))
+                shutil.copytree(repo / "classifier" / "1", repo / "classifier" / version)
+            r = out.get(timeout=180)
+            p.join()
+        finally:
+            stop(proc)
+    failed = sum(r["errors"].values())
+    print(f"poll swap: {r['requests']} requests, {failed} failed, {r['throughput_rps']:.0f} req/s", flush=True)
+    return {"requests": r["requests"], "failed": failed, "errors": r["errors"], "swaps": 2, "result": r}
+
+
+def _pcts(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lone-requests", type=int, default=500)
+    parser.add_argument("--model-repo", type=Path, default=ROOT / "model_repo")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "serving_core.json")
+    args = parser.parse_args()
+    summary = {
+        "benchmark": "serving_core",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "throughput_64_concurrent": throughput(args),
+        "lone_request_latency": lone_latency(args),
+        "poll_swap_under_load": poll_swap(args),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"-> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
