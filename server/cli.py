@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -129,30 +128,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def infer(args: argparse.Namespace) -> int:
-    import grpc
+    from server import infer_cli
 
-    from server.client import VisionClient
-
-    results = {}
-    with VisionClient(args.url, timeout=args.timeout) as client:
-        for image in args.images:
-            try:
-                labels = client.classify(Path(image).read_bytes(), model=args.model, top_k=args.top_k)
-            except OSError as exc:
-                print(f"{image}: {exc}", file=sys.stderr)
-                return 1
-            except grpc.RpcError as exc:
-                print(f"{image}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                return 1
-            results[image] = labels
-    if args.json:
-        print(json.dumps({k: [vars(x) for x in v] for k, v in results.items()}, indent=2))
-        return 0
-    for image, labels in results.items():
-        print(image)
-        for x in labels:
-            print(f"  {x.score:7.4f}  {x.label} ({x.class_id})")
-    return 0
+    return infer_cli.run(args)
 
 
 def export(args: argparse.Namespace) -> int:
@@ -175,12 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=export)
 
     p = sub.add_parser("infer", help="send images to a running server")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--url", default=f"localhost:{DEFAULT_GRPC_PORT}", help="server host:port")
-    p.add_argument("--model", default="classifier")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from server.infer_cli import add_arguments as infer_arguments
+
+    infer_arguments(p, f"localhost:{DEFAULT_GRPC_PORT}")
     p.set_defaults(func=infer)
     return parser
 

@@ -23,6 +23,7 @@ INPUT_SCALE = "optic.input.scale"
 INPUT_MEAN = "optic.input.mean"
 INPUT_STD = "optic.input.std"
 INPUT_LAYOUT = "optic.input.layout"
+INPUT_PAD_VALUE = "optic.input.pad_value"
 OUTPUT_KIND = "optic.output.kind"
 OUTPUT_LAYOUT = "optic.output.layout"
 VOCAB = "optic.vocab"
@@ -53,6 +54,7 @@ class InputSpec:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     layout: str = "NCHW"
+    pad_value: int = 114  # letterbox border grey level (Ultralytics' value)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class ModelMeta:
                 INPUT_STD: json.dumps(list(spec.std)),
                 INPUT_LAYOUT: spec.layout,
             }
+            if spec.pad_value != InputSpec.pad_value:  # the default stays implicit
+                props[INPUT_PAD_VALUE] = str(spec.pad_value)
         props[OUTPUT_KIND] = self.output_kind
         if self.output_layout:
             props[OUTPUT_LAYOUT] = self.output_layout
@@ -115,7 +119,10 @@ class ModelMeta:
                 mean=_triple(props, INPUT_MEAN, (0.0, 0.0, 0.0)),
                 std=_triple(props, INPUT_STD, (1.0, 1.0, 1.0)),
                 layout=_choice(props, INPUT_LAYOUT, ("NCHW", "NHWC"), "NCHW"),
+                pad_value=int(_float(props, INPUT_PAD_VALUE, 114)),
             )
+            if not 0 <= spec.pad_value <= 255:
+                raise MetadataError(f"metadata {INPUT_PAD_VALUE!r} must be 0 to 255")
             if any(s == 0 for s in spec.std):
                 raise MetadataError(f"metadata {INPUT_STD!r} must not contain 0")
         elif "imgsz" in props:  # Ultralytics: letterboxed RGB scaled to [0, 1]
@@ -140,6 +147,7 @@ class ModelMeta:
             INPUT_MEAN,
             INPUT_STD,
             INPUT_LAYOUT,
+            INPUT_PAD_VALUE,
             OUTPUT_KIND,
             OUTPUT_LAYOUT,
             VOCAB,

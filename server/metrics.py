@@ -46,6 +46,12 @@ BATCH_SIZE = Histogram(
     ["model", "version"],
     buckets=_BATCH_BUCKETS,
 )
+STAGE_TIME = Histogram(
+    "optic_stage_duration_seconds",
+    "Vision API time per image and stage: decode, preprocess, inference (queue + compute), postprocess.",
+    ["model", "stage"],
+    buckets=(0.0001, 0.00025, 0.0005, *_LATENCY_BUCKETS),
+)
 INFERENCES = Counter(
     "optic_inferences",
     "Inference requests that reached a model version, by outcome (success/fail).",

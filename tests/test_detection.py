@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.tasks.detection import box_iou, candidates, detect, non_max_suppression
 
@@ -46,3 +48,94 @@ def test_layouts_decode_to_the_same_boxes():
         np.testing.assert_allclose(det.boxes, [[40, 35, 60, 45]])
         assert det.class_ids.tolist() == [1] and det.scores[0] == pytest.approx(0.9)
     assert len(candidates(v5, "yolov5", 0.05).scores) == 2
+
+
+# ---------------------------------------------------------------- against onnxruntime's NonMaxSuppression
+
+
+def ort_nms_session(classes: int):
+    """A one-node graph around the ONNX NonMaxSuppression operator, run by onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou", "score"], ["selected"])],
+        "nms",
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, None, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, classes, None]),
+            helper.make_tensor_value_info("max", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("iou", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, [None, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def ort_nms(sess, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, num_classes: int, thr: float):
+    """Kept indices per the operator: per class (class-aware), boxes given as y1, x1, y2, x2."""
+    yxyx = boxes[:, [1, 0, 3, 2]][None].astype(np.float32)
+    per_class = np.zeros((1, num_classes, len(boxes)), np.float32)  # a box scores only for its own class
+    per_class[0, classes, np.arange(len(boxes))] = scores
+    selected = sess.run(
+        None,
+        {
+            "boxes": yxyx,
+            "scores": per_class,
+            "max": np.array([len(boxes)], np.int64),
+            "iou": np.array([thr], np.float32),
+            "score": np.array([0.0], np.float32),
+        },
+    )[0]
+    return set(selected[:, 2].tolist())
+
+
+ORT_NMS = {}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 120),
+    seed=st.integers(0, 2**32 - 1),
+    thr=st.sampled_from([0.3, 0.45, 0.5, 0.65, 0.7]),
+    num_classes=st.integers(1, 4),
+)
+def test_nms_keeps_what_onnxruntime_keeps(n, seed, thr, num_classes):
+    rng = np.random.default_rng(seed)
+    # Integer corners on a small grid make overlaps common; distinct scores keep the order unambiguous.
+    xy = rng.integers(0, 60, (n, 2))
+    wh = rng.integers(1, 30, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    scores = (rng.permutation(n) + 1).astype(np.float32) / (n + 1)
+    classes = rng.integers(0, num_classes, n)
+    sess = ORT_NMS.setdefault(num_classes, ort_nms_session(num_classes))
+    ours = set(non_max_suppression(boxes, scores, thr, classes, max_det=n).tolist())
+    assert ours == ort_nms(sess, boxes, scores, classes, num_classes, thr)
+
+
+# ---------------------------------------------------------------- letterbox geometry
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    width=st.integers(8, 4000),
+    height=st.integers(8, 4000),
+    side=st.sampled_from([64, 96, 320, 640]),
+    box=st.tuples(*[st.floats(0, 1)] * 4),
+)
+def test_letterbox_round_trip(width, height, side, box):
+    from server.tasks.image import Transform, letterbox_geometry
+
+    _, nw, nh, px, py = letterbox_geometry(width, height, (side, side))
+    assert nw <= side and nh <= side and (nw == side or nh == side)  # fits, and touches two sides
+    assert 0 <= px <= side - nw and 0 <= py <= side - nh
+    t = Transform(width, height, nw / width, nh / height, px, py)
+    x1, x2 = sorted((box[0] * width, box[2] * width))
+    y1, y2 = sorted((box[1] * height, box[3] * height))
+    original = np.array([[x1, y1, x2, y2]], np.float32)
+    model = t.to_input(original)
+    assert (model[:, 0::2] >= px - 1e-3).all() and (model[:, 0::2] <= px + nw + 1e-3).all()
+    np.testing.assert_allclose(t.to_original(model), original, atol=1e-3 * max(width, height))

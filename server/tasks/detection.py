@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.errors import InvalidArgument
+
 LAYOUTS = ("yolov5", "yolov8")
+MAX_DETECTIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,44 @@ def detect(
     iou_threshold: float = 0.45,
     agnostic: bool = False,
     max_det: int = 300,
+    classes: np.ndarray | None = None,
 ) -> Detections:
-    """Raw output of one image -> final detections in input pixels."""
+    """Raw output of one image -> final detections in input pixels; ``classes`` keeps only those class ids."""
     c = candidates(pred, layout, conf_threshold)
+    if classes is not None and len(classes):
+        wanted = np.isin(c.class_ids, classes)
+        c = Detections(c.boxes[wanted], c.scores[wanted], c.class_ids[wanted])
     keep = non_max_suppression(c.boxes, c.scores, iou_threshold, None if agnostic else c.class_ids, max_det)
     return Detections(c.boxes[keep], c.scores[keep], c.class_ids[keep])
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Per-request settings, checked; unset ones take the model's defaults."""
+
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.45
+    agnostic: bool = False
+    max_det: int = 300
+    classes: tuple[int, ...] = ()
+
+    def check(self, num_classes: int) -> DetectParams:
+        for name in ("conf_threshold", "iou_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:  # also false for NaN
+                raise InvalidArgument(f"{name.replace('_threshold', '')} threshold {value} must be within [0, 1]")
+        if not 1 <= self.max_det <= MAX_DETECTIONS:
+            raise InvalidArgument(f"max_detections {self.max_det} must be 1 to {MAX_DETECTIONS}")
+        bad = [c for c in self.classes if c >= num_classes]
+        if bad:
+            raise InvalidArgument(f"class id(s) {bad[:8]} out of range; the model has {num_classes} classes")
+        return self
+
+
+def layout_of(shape: tuple[int, ...], declared: str | None, num_classes: int) -> str:
+    """The output layout from metadata, else from the shape: [A, 5+C] is YOLOv5's, [4+C, A] YOLOv8's."""
+    if declared in LAYOUTS:
+        return declared
+    if len(shape) == 2 and shape[0] == 4 + num_classes and shape[1] != 5 + num_classes:
+        return "yolov8"
+    return "yolov5"

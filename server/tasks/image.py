@@ -7,6 +7,7 @@ request overlaps with inference on another.
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class ImageLimits:
     # Images up to this many pixels are decoded on the event loop: for them the hop to a
     # worker thread costs more than the decode (measured: +33% Classify throughput at 64x64).
     inline_pixels: int = 128 * 128
+    min_side: int = 8  # smaller images carry no usable signal at any model size
 
 
 def cheap_to_decode(data: bytes, limits: ImageLimits) -> bool:
@@ -53,6 +55,10 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = img.size
+            if min(width, height) < limits.min_side:
+                raise InvalidArgument(
+                    f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels"
+                )
             if width * height > limits.max_pixels:
                 raise InvalidArgument(
                     f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
@@ -73,22 +79,130 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
         raise InvalidArgument(f"image rejected as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
+    rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
     img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
+    # The size before any JPEG draft downscale, as the client sees the image (after orientation).
+    img.info["optic.original_size"] = (height, width) if rotated else (width, height)
     return img
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Already-decoded HWC uint8 pixels from a client (RGB, or RGBA whose alpha is dropped)."""
+
+    height: int
+    width: int
+    channels: int
+    pixels: bytes
+
+
+ImageSource = bytes | RawPixels
+
+
+def decode_raw(raw: RawPixels, limits: ImageLimits) -> Image.Image:
+    if raw.channels not in (3, 4):
+        raise InvalidArgument(
+            f"raw image has {raw.channels} channel(s); models take RGB, so send 3 (RGB) or 4 (RGBA) channels"
+        )
+    if min(raw.height, raw.width) < limits.min_side:
+        raise InvalidArgument(
+            f"raw image is {raw.width}x{raw.height}; both sides must be at least {limits.min_side} pixels"
+        )
+    if raw.height * raw.width > limits.max_pixels:
+        raise InvalidArgument(
+            f"raw image is {raw.width}x{raw.height} = {raw.width * raw.height} pixels; the limit is {limits.max_pixels}"
+        )
+    expected = raw.height * raw.width * raw.channels
+    if len(raw.pixels) != expected:
+        raise InvalidArgument(
+            f"raw image {raw.height}x{raw.width}x{raw.channels} needs {expected} bytes, got {len(raw.pixels)}"
+        )
+    array = np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, raw.channels)
+    return Image.fromarray(np.ascontiguousarray(array[..., :3]), "RGB")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Where the model's input came from in the original image: input = original * scale + pad."""
+
+    width: int  # original (after EXIF orientation)
+    height: int
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """(K, 4) xyxy boxes in model-input pixels -> original pixels, clipped to the image."""
+        out = np.empty_like(boxes, dtype=np.float32)
+        out[:, 0::2] = (boxes[:, 0::2] - self.pad_x) / self.scale_x
+        out[:, 1::2] = (boxes[:, 1::2] - self.pad_y) / self.scale_y
+        out[:, 0::2] = out[:, 0::2].clip(0, self.width)
+        out[:, 1::2] = out[:, 1::2].clip(0, self.height)
+        return out
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        out = np.empty_like(boxes, dtype=np.float32)
+        out[:, 0::2] = boxes[:, 0::2] * self.scale_x + self.pad_x
+        out[:, 1::2] = boxes[:, 1::2] * self.scale_y + self.pad_y
+        return out
+
+
+def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[float, int, int, int, int]:
+    """Scale keeping aspect ratio to fit ``size`` (h, w), centred: (scale, new_w, new_h, pad_x, pad_y)."""
+    th, tw = size
+    r = min(tw / width, th / height)
+    nw, nh = max(1, round(width * r)), max(1, round(height * r))
+    return r, nw, nh, (tw - nw) // 2, (th - nh) // 2
+
+
+def resize_with_transform(img: Image.Image, spec: InputSpec) -> tuple[Image.Image, Transform]:
+    """Bring the image to the model's input size by the model's resize mode, remembering how."""
+    height, width = spec.size
+    w0, h0 = img.size
+    if (w0, h0) == (width, height):
+        return img, Transform(w0, h0, 1.0, 1.0, 0.0, 0.0)
+    if spec.resize == "stretch":
+        return img.resize((width, height), Image.BILINEAR), Transform(w0, h0, width / w0, height / h0, 0.0, 0.0)
+    if spec.resize == "center_crop":
+        r = max(width / w0, height / h0)
+        out = ImageOps.fit(img, (width, height), Image.BILINEAR)
+        return out, Transform(w0, h0, r, r, (width - w0 * r) / 2, (height - h0 * r) / 2)
+    r, nw, nh, px, py = letterbox_geometry(w0, h0, spec.size)
+    canvas = Image.new("RGB", (width, height), (spec.pad_value,) * 3)
+    canvas.paste(img.resize((nw, nh), Image.BILINEAR), (px, py))
+    return canvas, Transform(w0, h0, nw / w0, nh / h0, float(px), float(py))
 
 
 def resize(img: Image.Image, spec: InputSpec) -> Image.Image:
     """Bring the image to the model's input size by the model's resize mode."""
-    height, width = spec.size
-    if img.size == (width, height):
-        return img
-    if spec.resize == "stretch":
-        return img.resize((width, height), Image.BILINEAR)
-    if spec.resize == "center_crop":
-        return ImageOps.fit(img, (width, height), Image.BILINEAR)
-    raise InvalidArgument(f"resize mode {spec.resize!r} is not supported for this task yet")
+    return resize_with_transform(img, spec)[0]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the model, with what is needed to map answers back and the time it took."""
+
+    tensor: np.ndarray
+    transform: Transform
+    decode_seconds: float
+    preprocess_seconds: float
+
+
+def prepare(source: ImageSource, spec: InputSpec, limits: ImageLimits) -> Prepared:
+    """Encoded bytes or raw pixels -> model input tensor (C, H, W) and its transform."""
+    started = time.perf_counter()
+    img = decode_raw(source, limits) if isinstance(source, RawPixels) else decode_image(source, limits, spec.size)
+    decoded = time.perf_counter()
+    resized, t = resize_with_transform(img, spec)
+    w0, h0 = img.info.get("optic.original_size", img.size)
+    # Compose with the decoder's own downscale, so answers map back to the client's pixels.
+    dx, dy = img.width / w0, img.height / h0
+    transform = Transform(w0, h0, t.scale_x * dx, t.scale_y * dy, t.pad_x, t.pad_y)
+    tensor = normalize(np.asarray(resized), spec)
+    return Prepared(tensor, transform, decoded - started, time.perf_counter() - decoded)
 
 
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -24,21 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15optic/v1/vision.proto\x12\x08optic.v1\"\x15\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"f\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.optic.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"@\n\x0e\x43lassification\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"c\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x18.optic.v1.Classification2M\n\x06Vision\x12\x43\n\x08\x43lassify\x12\x19.optic.v1.ClassifyRequest\x1a\x1a.optic.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15optic/v1/vision.proto\x12\x08optic.v1\"K\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0e\n\x06pixels\x18\x04 \x01(\x0c\"D\n\x05Image\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.optic.v1.RawImageH\x00\x42\x08\n\x06source\"\x87\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.optic.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x06images\x18\x05 \x03(\x0b\x32\x0f.optic.v1.Image\"@\n\x0e\x43lassification\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\";\n\x0e\x43lassifyResult\x12)\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x18.optic.v1.Classification\"\x8e\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x18.optic.v1.Classification\x12)\n\x07results\x18\x04 \x03(\x0b\x32\x18.optic.v1.ClassifyResult\"\xbb\x02\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.optic.v1.Image\x12\x1f\n\x06images\x18\x04 \x03(\x0b\x32\x0f.optic.v1.Image\x12!\n\x14\x63onfidence_threshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\x0e\x63lass_agnostic\x18\x07 \x01(\x08\x12\x1b\n\x0emax_detections\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x11\n\tclass_ids\x18\t \x03(\rB\x17\n\x15_confidence_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"W\n\tDetection\x12\x1a\n\x03\x62ox\x18\x01 \x01(\x0b\x32\r.optic.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x03 \x01(\r\x12\r\n\x05label\x18\x04 \x01(\t\"V\n\x0c\x44\x65tectResult\x12\'\n\ndetections\x18\x01 \x03(\x0b\x32\x13.optic.v1.Detection\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"_\n\x0e\x44\x65tectResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.optic.v1.DetectResult\"I\n\x0b\x44\x65tectFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12(\n\x07request\x18\x02 \x01(\x0b\x32\x17.optic.v1.DetectRequest\"|\n\x11\x44\x65tectFrameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12*\n\x08response\x18\x02 \x01(\x0b\x32\x18.optic.v1.DetectResponse\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x8b\x01\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.optic.v1.Image\x12\x1f\n\x06images\x18\x04 \x03(\x0b\x32\x0f.optic.v1.Image\x12\x12\n\nreturn_rle\x18\x05 \x01(\x08\"U\n\tClassMask\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bpixel_count\x18\x03 \x01(\x04\x12\x12\n\nrle_counts\x18\x04 \x03(\r\"f\n\rSegmentResult\x12\x10\n\x08mask_png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12$\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x13.optic.v1.ClassMask\"a\n\x0fSegmentResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12(\n\x07results\x18\x03 \x03(\x0b\x32\x17.optic.v1.SegmentResult\"\xc5\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1e\n\x05image\x18\x03 \x01(\x0b\x32\x0f.optic.v1.Image\x12\x1f\n\x06images\x18\x04 \x03(\x0b\x32\x0f.optic.v1.Image\x12\x16\n\tbeam_size\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_beam_sizeB\r\n\x0b_max_length\"\'\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x02\"P\n\rCaptionResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x06tokens\x18\x02 \x03(\x0b\x32\x0f.optic.v1.Token\x12\x10\n\x08log_prob\x18\x03 \x01(\x02\"a\n\x0f\x43\x61ptionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12(\n\x07results\x18\x03 \x03(\x0b\x32\x17.optic.v1.CaptionResult2\xda\x02\n\x06Vision\x12\x43\n\x08\x43lassify\x12\x19.optic.v1.ClassifyRequest\x1a\x1a.optic.v1.ClassifyResponse\"\x00\x12=\n\x06\x44\x65tect\x12\x17.optic.v1.DetectRequest\x1a\x18.optic.v1.DetectResponse\"\x00\x12@\n\x07Segment\x12\x18.optic.v1.SegmentRequest\x1a\x19.optic.v1.SegmentResponse\"\x00\x12@\n\x07\x43\x61ption\x12\x18.optic.v1.CaptionRequest\x1a\x19.optic.v1.CaptionResponse\"\x00\x12H\n\x0c\x44\x65tectStream\x12\x15.optic.v1.DetectFrame\x1a\x1b.optic.v1.DetectFrameResult\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'optic.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGE']._serialized_start=35
-  _globals['_IMAGE']._serialized_end=56
-  _globals['_CLASSIFYREQUEST']._serialized_start=58
-  _globals['_CLASSIFYREQUEST']._serialized_end=160
-  _globals['_CLASSIFICATION']._serialized_start=162
-  _globals['_CLASSIFICATION']._serialized_end=226
-  _globals['_CLASSIFYRESPONSE']._serialized_start=228
-  _globals['_CLASSIFYRESPONSE']._serialized_end=327
-  _globals['_VISION']._serialized_start=329
-  _globals['_VISION']._serialized_end=406
+  _globals['_RAWIMAGE']._serialized_start=35
+  _globals['_RAWIMAGE']._serialized_end=110
+  _globals['_IMAGE']._serialized_start=112
+  _globals['_IMAGE']._serialized_end=180
+  _globals['_CLASSIFYREQUEST']._serialized_start=183
+  _globals['_CLASSIFYREQUEST']._serialized_end=318
+  _globals['_CLASSIFICATION']._serialized_start=320
+  _globals['_CLASSIFICATION']._serialized_end=384
+  _globals['_CLASSIFYRESULT']._serialized_start=386
+  _globals['_CLASSIFYRESULT']._serialized_end=445
+  _globals['_CLASSIFYRESPONSE']._serialized_start=448
+  _globals['_CLASSIFYRESPONSE']._serialized_end=590
+  _globals['_DETECTREQUEST']._serialized_start=593
+  _globals['_DETECTREQUEST']._serialized_end=908
+  _globals['_BOX']._serialized_start=910
+  _globals['_BOX']._serialized_end=963
+  _globals['_DETECTION']._serialized_start=965
+  _globals['_DETECTION']._serialized_end=1052
+  _globals['_DETECTRESULT']._serialized_start=1054
+  _globals['_DETECTRESULT']._serialized_end=1140
+  _globals['_DETECTRESPONSE']._serialized_start=1142
+  _globals['_DETECTRESPONSE']._serialized_end=1237
+  _globals['_DETECTFRAME']._serialized_start=1239
+  _globals['_DETECTFRAME']._serialized_end=1312
+  _globals['_DETECTFRAMERESULT']._serialized_start=1314
+  _globals['_DETECTFRAMERESULT']._serialized_end=1438
+  _globals['_SEGMENTREQUEST']._serialized_start=1441
+  _globals['_SEGMENTREQUEST']._serialized_end=1580
+  _globals['_CLASSMASK']._serialized_start=1582
+  _globals['_CLASSMASK']._serialized_end=1667
+  _globals['_SEGMENTRESULT']._serialized_start=1669
+  _globals['_SEGMENTRESULT']._serialized_end=1771
+  _globals['_SEGMENTRESPONSE']._serialized_start=1773
+  _globals['_SEGMENTRESPONSE']._serialized_end=1870
+  _globals['_CAPTIONREQUEST']._serialized_start=1873
+  _globals['_CAPTIONREQUEST']._serialized_end=2070
+  _globals['_TOKEN']._serialized_start=2072
+  _globals['_TOKEN']._serialized_end=2111
+  _globals['_CAPTIONRESULT']._serialized_start=2113
+  _globals['_CAPTIONRESULT']._serialized_end=2193
+  _globals['_CAPTIONRESPONSE']._serialized_start=2195
+  _globals['_CAPTIONRESPONSE']._serialized_end=2292
+  _globals['_VISION']._serialized_start=2295
+  _globals['_VISION']._serialized_end=2641
 # @@protoc_insertion_point(module_scope)

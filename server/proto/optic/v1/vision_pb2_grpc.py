@@ -39,6 +39,26 @@ class VisionStub:
                 request_serializer=optic_dot_v1_dot_vision__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=optic_dot_v1_dot_vision__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Detect = channel.unary_unary(
+                '/optic.v1.Vision/Detect',
+                request_serializer=optic_dot_v1_dot_vision__pb2.DetectRequest.SerializeToString,
+                response_deserializer=optic_dot_v1_dot_vision__pb2.DetectResponse.FromString,
+                _registered_method=True)
+        self.Segment = channel.unary_unary(
+                '/optic.v1.Vision/Segment',
+                request_serializer=optic_dot_v1_dot_vision__pb2.SegmentRequest.SerializeToString,
+                response_deserializer=optic_dot_v1_dot_vision__pb2.SegmentResponse.FromString,
+                _registered_method=True)
+        self.Caption = channel.unary_unary(
+                '/optic.v1.Vision/Caption',
+                request_serializer=optic_dot_v1_dot_vision__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=optic_dot_v1_dot_vision__pb2.CaptionResponse.FromString,
+                _registered_method=True)
+        self.DetectStream = channel.stream_stream(
+                '/optic.v1.Vision/DetectStream',
+                request_serializer=optic_dot_v1_dot_vision__pb2.DetectFrame.SerializeToString,
+                response_deserializer=optic_dot_v1_dot_vision__pb2.DetectFrameResult.FromString,
+                _registered_method=True)
 
 
 class VisionServicer:
@@ -51,6 +71,35 @@ class VisionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detect(self, request, context):
+        """Object detection: boxes in the original image's pixels, after NMS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Segment(self, request, context):
+        """Semantic segmentation: a per-pixel class map at the original image size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Caption(self, request, context):
+        """Image captioning: greedy or beam-search decoding on the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetectStream(self, request_iterator, context):
+        """Detection over a video: frames in, detections out, in order, frame ids echoed.
+        A bad frame is answered in-band (error set) and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +107,26 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=optic_dot_v1_dot_vision__pb2.ClassifyRequest.FromString,
                     response_serializer=optic_dot_v1_dot_vision__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Detect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detect,
+                    request_deserializer=optic_dot_v1_dot_vision__pb2.DetectRequest.FromString,
+                    response_serializer=optic_dot_v1_dot_vision__pb2.DetectResponse.SerializeToString,
+            ),
+            'Segment': grpc.unary_unary_rpc_method_handler(
+                    servicer.Segment,
+                    request_deserializer=optic_dot_v1_dot_vision__pb2.SegmentRequest.FromString,
+                    response_serializer=optic_dot_v1_dot_vision__pb2.SegmentResponse.SerializeToString,
+            ),
+            'Caption': grpc.unary_unary_rpc_method_handler(
+                    servicer.Caption,
+                    request_deserializer=optic_dot_v1_dot_vision__pb2.CaptionRequest.FromString,
+                    response_serializer=optic_dot_v1_dot_vision__pb2.CaptionResponse.SerializeToString,
+            ),
+            'DetectStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DetectStream,
+                    request_deserializer=optic_dot_v1_dot_vision__pb2.DetectFrame.FromString,
+                    response_serializer=optic_dot_v1_dot_vision__pb2.DetectFrameResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +156,114 @@ class Vision:
             '/optic.v1.Vision/Classify',
             optic_dot_v1_dot_vision__pb2.ClassifyRequest.SerializeToString,
             optic_dot_v1_dot_vision__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optic.v1.Vision/Detect',
+            optic_dot_v1_dot_vision__pb2.DetectRequest.SerializeToString,
+            optic_dot_v1_dot_vision__pb2.DetectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Segment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optic.v1.Vision/Segment',
+            optic_dot_v1_dot_vision__pb2.SegmentRequest.SerializeToString,
+            optic_dot_v1_dot_vision__pb2.SegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Caption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optic.v1.Vision/Caption',
+            optic_dot_v1_dot_vision__pb2.CaptionRequest.SerializeToString,
+            optic_dot_v1_dot_vision__pb2.CaptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetectStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/optic.v1.Vision/DetectStream',
+            optic_dot_v1_dot_vision__pb2.DetectFrame.SerializeToString,
+            optic_dot_v1_dot_vision__pb2.DetectFrameResult.FromString,
             options,
             channel_credentials,
             insecure,
