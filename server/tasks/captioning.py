@@ -99,25 +99,30 @@ async def beam_search(
         totals = np.array([a[2] for a in alive])[:, None] + logp
         flat = np.argsort(-totals, axis=None, kind="stable")[: beams * 2]
         next_alive, rows = [], []
-        for idx in flat:
+        for rank, idx in enumerate(flat):
             i, tok = divmod(int(idx), logp.shape[1])
             tokens, logps, _ = alive[i]
             hyp = ([*tokens, tok], [*logps, float(logp[i, tok])], float(totals[i, tok]))
             if tok == spec.eos or t == max_len - 1:
-                finished.append(hyp)
+                if rank < beams:  # only an ending that is among the best continuations counts
+                    finished.append(hyp)
             elif len(next_alive) < beams:
                 next_alive.append(hyp)
                 rows.append(i)
-            if len(next_alive) >= beams and len(finished) >= beams:
+        if not next_alive:
+            break
+        if len(finished) >= beams:
+            best_finished = max(_mean(x) for x in finished)
+            if best_finished >= max(_mean(a) for a in next_alive):  # totals only fall as hypotheses grow
                 break
-        if len(finished) >= beams or not next_alive:
-            break
-        best_alive = max(a[2] / len(a[0]) for a in next_alive)
-        if finished and max(x[2] / len(x[0]) for x in finished) >= best_alive and len(finished) >= beams:
-            break
         alive, hs, cs = next_alive, out["h_out"][rows], out["c_out"][rows]
     pool = finished or alive
-    tokens, logps, total = max(pool, key=lambda x: x[2] / max(1, len(x[0])))
+    tokens, logps, total = max(pool, key=_mean)
     if tokens and tokens[-1] == spec.eos:
         tokens, logps = tokens[:-1], logps[:-1]
     return Caption(tuple(spec.vocab[t] for t in tokens), tuple(logps), total)
+
+
+def _mean(hyp: tuple[list[int], list[float], float]) -> float:
+    """Log-probability per token: the ranking that does not favour short captions."""
+    return hyp[2] / max(1, len(hyp[0]))
