@@ -64,25 +64,55 @@ def non_max_suppression(
 ) -> np.ndarray:
     """Indices kept by greedy NMS, best score first; class-aware when ``class_ids`` is given.
 
-    Exact greedy NMS computed as a fixed point over the IoU matrix ("cluster
-    NMS"): a box is kept iff no kept, higher-scoring box overlaps it beyond the
-    threshold. Each sweep is one matrix operation, and the number of sweeps is
-    the length of the longest suppression chain, not the number of boxes.
+    Exact greedy NMS without a per-box loop and without the N x N IoU matrix:
+    a sweep over boxes sorted by x1 lists only the pairs that overlap along x
+    (classes are moved far apart first, so they never pair), IoU is computed
+    for those pairs at once, and the kept set is the fixed point of "kept iff
+    no kept, higher-scoring box overlaps it beyond the threshold" ("cluster
+    NMS"), each sweep one vectorised pass over the overlapping pairs.
     """
-    if len(boxes) == 0:
+    n = len(boxes)
+    if n == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-scores, kind="stable")
     b = boxes[order].astype(np.float64)
     if class_ids is not None:  # offset each class far apart so classes never overlap
         b = b + (class_ids[order].astype(np.float64) * (np.abs(b).max() + 1.0) * 4.0)[:, None]
-    over = np.triu(box_iou(b, b) > iou_threshold, k=1)  # over[i, j]: i outranks j and overlaps it
-    keep = np.ones(len(b), dtype=bool)
+    hi, lo = _overlapping_pairs(b, iou_threshold)
+    keep = np.ones(n, dtype=bool)
     while True:
-        new = ~(over & keep[:, None]).any(0)
+        suppressed = np.zeros(n, dtype=bool)
+        suppressed[lo[keep[hi]]] = True
+        new = ~suppressed
         if np.array_equal(new, keep):
             break
         keep = new
     return order[keep][:max_det]
+
+
+def _overlapping_pairs(b: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (higher rank, lower rank) of boxes, given in rank order, whose IoU exceeds the threshold."""
+    n = len(b)
+    by_x = np.argsort(b[:, 0], kind="stable")
+    x1_sorted = b[by_x, 0]
+    # Box by_x[k] can only overlap boxes later in x order whose x1 is left of its x2.
+    ends = np.searchsorted(x1_sorted, b[by_x, 2], side="left")
+    starts = np.arange(1, n + 1)
+    counts = np.maximum(ends - starts, 0)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    first = np.repeat(np.arange(n), counts)
+    step = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    i, j = by_x[first], by_x[np.repeat(starts, counts) + step]
+    lt = np.maximum(b[i, :2], b[j, :2])
+    rb = np.minimum(b[i, 2:], b[j, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(1)
+    area = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
+    union = area[i] + area[j] - inter
+    over = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0) > iou_threshold
+    i, j = i[over], j[over]
+    return np.minimum(i, j), np.maximum(i, j)
 
 
 def detect(
