@@ -133,6 +133,12 @@ def infer(args: argparse.Namespace) -> int:
     return infer_cli.run(args)
 
 
+def bench(args: argparse.Namespace) -> int:
+    from server import bench as bench_module
+
+    return bench_module.main(args)
+
+
 def export(args: argparse.Namespace) -> int:
     from export import cli
 
@@ -157,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     infer_arguments(p, f"localhost:{DEFAULT_GRPC_PORT}")
     p.set_defaults(func=infer)
+
+    p = sub.add_parser("bench", help="load-test a running server (Optic or any KServe v2 server)")
+    from server.bench import add_arguments as bench_arguments
+
+    bench_arguments(p, f"localhost:{DEFAULT_GRPC_PORT}")
+    p.set_defaults(func=bench)
     return parser
 
 
