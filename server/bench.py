@@ -299,10 +299,12 @@ def run(config: BenchConfig, payloads: tuple[str, list[bytes]] | None = None) ->
     method, data = payloads or (vision_payloads(config) if config.api == "vision" else kserve_payloads(config))
     models = stats_models(config)
     before = {m: server_statistics(config.url, m) for m in models}
-    ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+    # Spawned, not forked: this process has used gRPC (and maybe onnxruntime) threads, which a fork
+    # can leave deadlocked in the child. Workers start together once all have imported.
+    ctx = mp.get_context("spawn")
     sent = ctx.Value("l", 0)
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    start_at = time.monotonic() + 0.5
+    start_at = time.monotonic() + 3.0
     procs = [
         ctx.Process(target=_worker, args=(config, method, data, i, start_at, sent, out), daemon=True)
         for i in range(config.workers)
