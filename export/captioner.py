@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -134,33 +135,19 @@ def build(out: Path, recipe: CaptionerRecipe | None = None, progress: bool = Tru
     encoder.eval()
     decoder.eval()
 
-    sample = torch.from_numpy(x_test[:2])
-    enc_proto = to_onnx(encoder, sample, "images", ["features", "h", "c"])
-    with torch.no_grad():
-        f, h, c = encoder(sample)
-    step_args = (torch.tensor([1, 3]), h, c, f)
-    dec_proto = to_onnx(decoder, step_args, ["token", "h", "c", "features"], ["logits", "h_out", "c_out"])
+    enc_proto, dec_proto = export_pair(encoder, decoder, torch.from_numpy(x_test[:2]))
     enc_sess, dec_sess = session(enc_proto), session(dec_proto)
     hypotheses = greedy_decode(enc_sess, dec_sess, x_test)
     value = bleu4(hypotheses, references)
     diff = _parity(encoder, decoder, enc_sess, dec_sess, x_test[:7], recipe.seed)
-
-    common = {
-        "optic.caption.encoder": ENCODER,
-        "optic.caption.decoder": DECODER,
-        "optic.caption.bos": BOS,
-        "optic.caption.eos": EOS,
-        "optic.caption.max_length": str(MAX_LENGTH),
-    }
     split = f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}"
-    for proto, role in ((enc_proto, "encoder"), (dec_proto, "decoder")):
-        meta = ModelMeta(
-            task="captioning",
-            input=INPUT_SPEC if role == "encoder" else None,
-            vocab=VOCAB,
-            extra={**common, "optic.caption.role": role, **eval_props("bleu4", value, split, diff)},
-        )
-        set_metadata(proto, meta.to_props(), doc=f"Optic shape captioner, {role} (CNN + LSTM, synthetic scenes)")
+    describe_pair(
+        (enc_proto, dec_proto),
+        INPUT_SPEC,
+        VOCAB,
+        eval_props("bleu4", value, split, diff),
+        "Optic shape captioner, {role} (CNN + LSTM, synthetic scenes)",
+    )
     report = ModelReport(
         name="captioner",
         paths=(out / ENCODER / "1" / "model.onnx", out / DECODER / "1" / "model.onnx"),
@@ -174,6 +161,43 @@ def build(out: Path, recipe: CaptionerRecipe | None = None, progress: bool = Tru
         seconds=time.monotonic() - started,
     )
     return finish(report, [enc_proto, dec_proto])
+
+
+def export_pair(
+    encoder: nn.Module, decoder: nn.Module, sample: torch.Tensor
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The encoder and one decoder step as two ONNX graphs, with the tensor names the server decodes with."""
+    enc_proto = to_onnx(encoder, sample, "images", ["features", "h", "c"])
+    with torch.no_grad():
+        f, h, c = encoder(sample)
+    step_args = (torch.tensor([1, 3]), h, c, f)
+    dec_proto = to_onnx(decoder, step_args, ["token", "h", "c", "features"], ["logits", "h_out", "c_out"])
+    return enc_proto, dec_proto
+
+
+def describe_pair(
+    protos: tuple[onnx.ModelProto, onnx.ModelProto],
+    spec: InputSpec,
+    vocab: tuple[str, ...],
+    extra: dict[str, str],
+    doc: str,
+) -> None:
+    """Write the metadata that lets the server find the pair and decode with it; ``doc`` may use {role}."""
+    common = {
+        "optic.caption.encoder": ENCODER,
+        "optic.caption.decoder": DECODER,
+        "optic.caption.bos": BOS,
+        "optic.caption.eos": EOS,
+        "optic.caption.max_length": str(MAX_LENGTH),
+    }
+    for proto, role in zip(protos, ("encoder", "decoder"), strict=True):
+        meta = ModelMeta(
+            task="captioning",
+            input=spec if role == "encoder" else None,
+            vocab=vocab,
+            extra={**common, "optic.caption.role": role, **extra},
+        )
+        set_metadata(proto, meta.to_props(), doc=doc.format(role=role))
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from export.models import (
 )
 from export.onnx_export import parity, session, set_metadata, to_onnx, write_atomically
 from server.metadata import INPUT_STD, MODEL_NAME, InputSpec, MetadataError, ModelMeta
-from server.tensors import ORT_DATATYPES
+from server.tensors import ORT_DATATYPES, TRITON_TYPES
 
 ARCHS = ("classifier", "detector", "segmenter", "captioner")
 IMAGENET = InputSpec(size=(224, 224), resize="center_crop", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -267,35 +267,14 @@ def _convert_captioner(
     encoder.eval()
     decoder.eval()
     sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    enc_proto = to_onnx(encoder, sample, "images", ["features", "h", "c"])
-    with torch.no_grad():
-        f, h, c = encoder(sample)
-    dec_proto = to_onnx(
-        decoder, (torch.tensor([1, 2]), h, c, f), ["token", "h", "c", "features"], ["logits", "h_out", "c_out"]
-    )
+    enc_proto, dec_proto = captioner.export_pair(encoder, decoder, sample)
     diff = captioner._parity(encoder, decoder, session(enc_proto), session(dec_proto), sample.numpy(), 0)
     if diff > 1e-4:
         raise ExportError(f"onnxruntime differs from torch by {diff:.2e} (tolerance 1e-4)")
+    extra = {"optic.export.parity_max_abs_diff": f"{diff:.3e}"}
+    captioner.describe_pair((enc_proto, dec_proto), spec, vocab, extra, "captioner {role}, converted")
     paths = []
-    for proto, role, model_name in (
-        (enc_proto, "encoder", captioner.ENCODER),
-        (dec_proto, "decoder", captioner.DECODER),
-    ):
-        meta = ModelMeta(
-            task="captioning",
-            input=spec if role == "encoder" else None,
-            vocab=vocab,
-            extra={
-                "optic.caption.role": role,
-                "optic.caption.encoder": captioner.ENCODER,
-                "optic.caption.decoder": captioner.DECODER,
-                "optic.caption.bos": captioner.BOS,
-                "optic.caption.eos": captioner.EOS,
-                "optic.caption.max_length": str(captioner.MAX_LENGTH),
-                "optic.export.parity_max_abs_diff": f"{diff:.3e}",
-            },
-        )
-        set_metadata(proto, meta.to_props(), doc=f"captioner {role}, converted")
+    for proto, model_name in ((enc_proto, captioner.ENCODER), (dec_proto, captioner.DECODER)):
         path = out / model_name / "1" / "model.onnx"
         write_atomically(proto, path)
         paths.append(path)
@@ -303,8 +282,6 @@ def _convert_captioner(
 
 
 # ---------------------------------------------------------------- import
-
-_TRITON_TYPES = {v: "TYPE_" + ("STRING" if v == "BYTES" else v) for v in ORT_DATATYPES.values()}
 
 
 def config_pbtxt(name: str, proto: onnx.ModelProto, max_batch_size: int) -> str:
@@ -317,7 +294,7 @@ def config_pbtxt(name: str, proto: onnx.ModelProto, max_batch_size: int) -> str:
             if max_batch_size > 0:
                 dims = dims[1:]
             lines.append(
-                f'{kind} [\n  {{\n    name: "{arg.name}"\n    data_type: {_TRITON_TYPES[ORT_DATATYPES[arg.type]]}'
+                f'{kind} [\n  {{\n    name: "{arg.name}"\n    data_type: {TRITON_TYPES[ORT_DATATYPES[arg.type]]}'
                 f"\n    dims: [ {', '.join(map(str, dims))} ]\n  }}\n]"
             )
     if max_batch_size > 0:

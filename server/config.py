@@ -20,28 +20,14 @@ from google.protobuf import text_format
 from server.proto.inference import model_config_pb2 as mc
 from server.runtime import TensorSpec
 from server.scheduler import BatchingConfig
+from server.tensors import TRITON_TYPES
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-_TYPE_OF = {  # KServe datatype -> Triton config enum
-    "BOOL": mc.TYPE_BOOL,
-    "UINT8": mc.TYPE_UINT8,
-    "UINT16": mc.TYPE_UINT16,
-    "UINT32": mc.TYPE_UINT32,
-    "UINT64": mc.TYPE_UINT64,
-    "INT8": mc.TYPE_INT8,
-    "INT16": mc.TYPE_INT16,
-    "INT32": mc.TYPE_INT32,
-    "INT64": mc.TYPE_INT64,
-    "FP16": mc.TYPE_FP16,
-    "FP32": mc.TYPE_FP32,
-    "FP64": mc.TYPE_FP64,
-    "BYTES": mc.TYPE_STRING,
-    "BF16": mc.TYPE_BF16,
-}
+_TYPE_OF = {d: mc.DataType.Value(name) for d, name in TRITON_TYPES.items()}  # KServe datatype -> enum
 
 
 class ConfigError(ValueError):

@@ -48,6 +48,9 @@ ORT_DATATYPES: dict[str, str] = {
     "tensor(string)": "BYTES",
 }
 
+# Datatype -> Triton's model-configuration type name (config.pbtxt `data_type`, ModelConfig's enum).
+TRITON_TYPES: dict[str, str] = {d: "TYPE_" + ("STRING" if d == "BYTES" else d) for d in DATATYPES}
+
 # Datatype -> field of InferTensorContents that carries it (FP16 has none).
 CONTENTS_FIELD: dict[str, str] = {
     "BOOL": "bool_contents",
