@@ -11,7 +11,6 @@ class OpticError(Exception):
     """Base class: ``code`` is the name of a ``grpc.StatusCode`` member."""
 
     code = "INTERNAL"
-    request_id = ""  # the KServe request id, for errors reported in-band on a stream
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

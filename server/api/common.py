@@ -6,12 +6,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import OpticError
+from server.errors import Internal, OpticError
 from server.metrics import INFLIGHT, REQUEST_LATENCY, REQUESTS
 from server.repository import ModelRepository
 
@@ -65,3 +65,46 @@ def rpc(method: str, model_of: Callable[[Any], str] | None = None) -> Callable[[
 def time_left(context: grpc.aio.ServicerContext) -> float | None:
     """Seconds until the client's deadline, or None when it set none."""
     return context.time_remaining()
+
+
+async def counted(model: str, method: str, call: Awaitable[Resp]) -> Resp:
+    """One request of a stream, counted as a unary call is; an unexpected error becomes INTERNAL, not its end."""
+    started, code = time.perf_counter(), "OK"
+    try:
+        return await call
+    except OpticError as exc:
+        code = exc.code
+        raise
+    except Exception as exc:
+        code = "INTERNAL"
+        raise Internal(f"internal error in {method}: {type(exc).__name__}") from exc
+    finally:
+        REQUESTS.labels(model, method, code).inc()
+        REQUEST_LATENCY.labels(model, method).observe(time.perf_counter() - started)
+
+
+async def in_order(
+    requests: AsyncIterator[Req], start: Callable[[Req], Awaitable[Resp]], window: int
+) -> AsyncIterator[tuple[Req, Resp | OpticError]]:
+    """Start each request as it arrives (so requests of one stream batch with everyone's) and give back
+    (request, answer or error) in arrival order. At most ``window`` are in flight; then reading pauses and
+    gRPC flow control pushes back on the sender."""
+    pending: asyncio.Queue[tuple[Req, asyncio.Future[Resp]] | None] = asyncio.Queue(maxsize=window)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await pending.put((request, asyncio.ensure_future(start(request))))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (item := await pending.get()) is not None:
+            request, task = item
+            try:
+                yield request, await task
+            except OpticError as exc:
+                yield request, exc
+    finally:
+        reader.cancel()

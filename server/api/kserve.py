@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
 
 from server import __version__
-from server.api.common import rpc, time_left
-from server.errors import FailedPrecondition, Internal, InvalidArgument, OpticError
-from server.metrics import REQUEST_LATENCY, REQUESTS, Duration, ModelStats
+from server.api.common import counted, in_order, rpc, time_left
+from server.errors import FailedPrecondition, InvalidArgument, OpticError
+from server.metrics import Duration, ModelStats
 from server.proto.inference import grpc_service_pb2 as pb
 from server.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository, ServedModel
@@ -148,45 +146,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they batch); responses come back in request order, errors in-band."""
-        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    await pending.put(asyncio.ensure_future(self._counted_infer(request, time_left(context))))
-            finally:
-                await pending.put(None)
+        def start(request: pb.ModelInferRequest) -> Awaitable[pb.ModelInferResponse]:
+            label = self.repo.metric_label(request.model_name)
+            return counted(label, "ModelStreamInfer", self._infer(request, time_left(context)))
 
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await pending.get()) is not None:
-                try:
-                    yield pb.ModelStreamInferResponse(infer_response=await task)
-                except OpticError as exc:
-                    yield pb.ModelStreamInferResponse(
-                        error_message=exc.message, infer_response=pb.ModelInferResponse(id=exc.request_id)
-                    )
-        finally:
-            reader.cancel()
-
-    async def _counted_infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
-        label = self.repo.metric_label(request.model_name)
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            return await self._infer(request, timeout)
-        except OpticError as exc:
-            code = exc.code
-            exc.request_id = request.id
-            raise
-        except Exception as exc:  # never let one request end the stream
-            code = "INTERNAL"
-            error = Internal(f"internal error in ModelStreamInfer: {type(exc).__name__}")
-            error.request_id = request.id
-            raise error from exc
-        finally:
-            REQUESTS.labels(label, "ModelStreamInfer", code).inc()
-            REQUEST_LATENCY.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)
+        async for request, answer in in_order(requests, start, STREAM_WINDOW):
+            if isinstance(answer, OpticError):
+                yield pb.ModelStreamInferResponse(
+                    error_message=answer.message, infer_response=pb.ModelInferResponse(id=request.id)
+                )
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=answer)
 
     @rpc("ModelConfig", lambda r: r.name)
     async def ModelConfig(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import ExitStack
 from typing import TypeVar
@@ -19,9 +19,9 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from server.api.common import rpc, time_left
+from server.api.common import counted, in_order, rpc, time_left
 from server.errors import InvalidArgument, OpticError
-from server.metrics import REQUEST_LATENCY, REQUESTS, STAGE_TIME
+from server.metrics import STAGE_TIME
 from server.proto.optic.v1 import vision_pb2 as pb
 from server.proto.optic.v1 import vision_pb2_grpc as pb_grpc
 from server.repository import ModelRepository, ServedModel
@@ -30,6 +30,7 @@ from server.tasks.image import ImageLimits, ImageSource, Prepared, RawPixels, ch
 
 MAX_TOP_K = 1000
 MAX_IMAGES = 64  # images per call
+STREAM_WINDOW = 8  # frames of one DetectStream in flight
 T = TypeVar("T")
 
 
@@ -186,41 +187,18 @@ class VisionServicer(pb_grpc.VisionServicer):
         self, frames: AsyncIterator[pb.DetectFrame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DetectFrameResult]:
         """Frames are processed concurrently (a window of 8) and answered in arrival order, errors in-band."""
-        window: asyncio.Queue[tuple[int, asyncio.Task[pb.DetectResponse]] | None] = asyncio.Queue(maxsize=8)
 
-        async def read() -> None:
-            try:
-                async for frame in frames:
-                    task = asyncio.ensure_future(self._counted_detect(frame.request, context))
-                    await window.put((frame.frame_id, task))
-            finally:
-                await window.put(None)
+        def start(frame: pb.DetectFrame) -> Awaitable[pb.DetectResponse]:
+            label = self.repo.metric_label(frame.request.model)
+            return counted(label, "DetectStream", self._detect(frame.request, context))
 
-        reader = asyncio.ensure_future(read())
-        try:
-            while (item := await window.get()) is not None:
-                frame_id, task = item
-                try:
-                    yield pb.DetectFrameResult(frame_id=frame_id, response=await task)
-                except OpticError as exc:
-                    yield pb.DetectFrameResult(frame_id=frame_id, error_code=exc.code, error_message=exc.message)
-        finally:
-            reader.cancel()
-
-    async def _counted_detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:
-        label = self.repo.metric_label(request.model)
-        started, code = time.perf_counter(), "OK"
-        try:
-            return await self._detect(request, context)
-        except OpticError as exc:
-            code = exc.code
-            raise
-        except Exception as exc:  # one bad frame must not end the stream
-            code = "INTERNAL"
-            raise OpticError(f"internal error in DetectStream: {type(exc).__name__}") from exc
-        finally:
-            REQUESTS.labels(label, "DetectStream", code).inc()
-            REQUEST_LATENCY.labels(label, "DetectStream").observe(time.perf_counter() - started)
+        async for frame, answer in in_order(frames, start, STREAM_WINDOW):
+            if isinstance(answer, OpticError):
+                yield pb.DetectFrameResult(
+                    frame_id=frame.frame_id, error_code=answer.code, error_message=answer.message
+                )
+            else:
+                yield pb.DetectFrameResult(frame_id=frame.frame_id, response=answer)
 
     # ------------------------------------------------------------------ Segment
 
@@ -258,28 +236,24 @@ class VisionServicer(pb_grpc.VisionServicer):
 
     # ------------------------------------------------------------------ Caption
 
-    def _caption_models(self, name: str) -> tuple[str, str]:
-        """Client-facing name -> (encoder, decoder) model names."""
-        candidates = [name, f"{name}_encoder"]
-        for candidate in candidates:
-            model = self.repo.models.get(candidate)
-            if model is not None and model.meta.extra.get("optic.caption.role") == "encoder":
-                return candidate, model.meta.extra.get("optic.caption.decoder", "")
-        if name in self.repo.models:
-            model = self.repo.models[name]
-            raise InvalidArgument(
-                f"model {name!r} is a {model.meta.task or 'generic tensor'} model; Caption needs a captioning model"
-            )
-        return name, ""  # let the repository say NOT_FOUND / UNAVAILABLE
+    def _encoder_of(self, name: str) -> str:
+        """The client-facing name ("captioner") or the encoder's own -> the encoder model's name.
+
+        Anything else is returned as it is, for the repository and the task check to refuse.
+        """
+        for candidate in (name, f"{name}_encoder"):
+            loaded = self.repo.versions.get(candidate)
+            if loaded and self.repo.get(candidate).meta.extra.get("optic.caption.role") == "encoder":
+                return candidate
+        return name
 
     @rpc("Caption", lambda r: r.model)
     async def Caption(self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext) -> pb.CaptionResponse:
-        encoder_name, decoder_name = self._caption_models(request.model)
         with ExitStack() as stack:
-            encoder = stack.enter_context(self.repo.use(encoder_name, request.model_version))
+            encoder = stack.enter_context(self.repo.use(self._encoder_of(request.model), request.model_version))
             _require_task(encoder, "captioning", "Caption")
             spec = captioning.CaptionSpec.from_meta(encoder.meta, encoder.name)
-            decoder = stack.enter_context(self.repo.use(decoder_name or spec.decoder))
+            decoder = stack.enter_context(self.repo.use(spec.decoder))
             beams = request.beam_size if request.HasField("beam_size") else 1
             if not 1 <= beams <= captioning.MAX_BEAMS:
                 raise InvalidArgument(f"beam_size {beams} must be 1 to {captioning.MAX_BEAMS}")
