@@ -197,15 +197,14 @@ class ModelRepository:
     def _build_version(
         self, name: str, version: str, path: Path, file: cfgmod.FileConfig, model_dir: Path
     ) -> ServedModel:
-        probe = OnnxModel(path, replace(self.runtime_options, intra_op_threads=1))  # shapes only
-        effective = cfgmod.effective(file, name, probe.inputs, probe.outputs, probe.batchable, self.defaults)
+        runtime = OnnxModel(path, self.runtime_options)
+        effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, self.defaults)
         batching, timeout, reject = cfgmod.batching_of(effective)
-        options = self.runtime_options
-        if options.intra_op_threads == 0 and batching.instances > 1:
-            # Concurrent runs share the cores instead of each claiming all of them.
-            options = replace(options, intra_op_threads=max(1, default_threads() // batching.instances))
-        del probe
-        runtime = OnnxModel(path, options)
+        if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
+            # Concurrent runs share the cores instead of each claiming all of them: only the config says
+            # how many runs there are, so this (rarer) case opens the session again with fewer threads.
+            threads = max(1, default_threads() // batching.instances)
+            runtime = OnnxModel(path, replace(self.runtime_options, intra_op_threads=threads))
         meta = ModelMeta.from_props(runtime.metadata_props)
         self._warm_up(runtime, effective, model_dir)
         executor = ThreadPoolExecutor(max_workers=batching.instances, thread_name_prefix=f"ort-{name}")
