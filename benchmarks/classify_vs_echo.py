@@ -44,7 +44,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def echo_server(port: int, reply_size: int) -> None:
+def echo_server(port: int, reply_size: int, methods: tuple[str, ...] = ("Classify",)) -> None:
+    """A grpc.aio server answering every ``optic.v1.Vision`` method in ``methods`` with ``reply_size`` bytes."""
+
     async def main() -> None:
         reply = b"\x00" * reply_size
 
@@ -53,7 +55,7 @@ def echo_server(port: int, reply_size: int) -> None:
 
         server = grpc.aio.server()
         handler = grpc.method_handlers_generic_handler(
-            "optic.v1.Vision", {"Classify": grpc.unary_unary_rpc_method_handler(handle)}
+            "optic.v1.Vision", {m: grpc.unary_unary_rpc_method_handler(handle) for m in methods}
         )
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -123,12 +125,14 @@ def wait_ready(url: str, timeout: float = 90.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def run_load(url: str, payloads: list[bytes], args: argparse.Namespace, method: str = METHOD) -> dict:
-    """The load generator in its own process, so it does not share the server's cores' event loop."""
+def run_load(
+    url: str, payloads: list[bytes], concurrency: int, warmup: float, seconds: float, method: str = METHOD
+) -> dict:
+    """The load generator in its own process, so it does not share the server's event loop."""
     queue: mp.Queue = mp.Queue()
-    proc = mp.Process(target=load, args=(url, payloads, args.concurrency, args.warmup, args.seconds, queue, method))
+    proc = mp.Process(target=load, args=(url, payloads, concurrency, warmup, seconds, queue, method))
     proc.start()
-    result = queue.get(timeout=args.warmup + args.seconds + 120)
+    result = queue.get(timeout=warmup + seconds + 120)
     proc.join()
     return result
 
@@ -187,7 +191,7 @@ def main() -> int:
         time.sleep(3)  # let model loading/warm-up finish
         for r in range(args.rounds):
             for name, port in (("echo", echo_port), ("optic", optic_port)):
-                result = run_load(f"127.0.0.1:{port}", payloads, args)
+                result = run_load(f"127.0.0.1:{port}", payloads, args.concurrency, args.warmup, args.seconds)
                 rounds[name].append(result)
                 print(
                     f"round {r + 1} {name:5s}: {result['throughput_rps']:8.1f} req/s  "

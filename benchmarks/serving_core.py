@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.classify_vs_echo import free_port, load, wait_ready  # noqa: E402
+from benchmarks.classify_vs_echo import free_port, load, run_load, wait_ready  # noqa: E402
 from server.proto.inference import grpc_service_pb2 as pb  # noqa: E402
 from server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
@@ -81,15 +81,6 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def closed_loop(url: str, data: list[bytes], concurrency: int, warmup: float, seconds: float) -> dict:
-    out: mp.Queue = mp.Queue()
-    p = mp.Process(target=load, args=(url, data, concurrency, warmup, seconds, out, INFER))
-    p.start()
-    result = out.get(timeout=warmup + seconds + 120)
-    p.join()
-    return result
-
-
 def throughput(args: argparse.Namespace) -> dict:
     results: dict = {}
     for model in ("classifier", "detector"):
@@ -99,7 +90,7 @@ def throughput(args: argparse.Namespace) -> dict:
             for mode, flags in (("batching_on", ()), ("batching_off", ("--max-batch-size", "0"))):
                 proc, url = start(args.model_repo, *flags)
                 try:
-                    r = closed_loop(url, data, 64, args.warmup, args.seconds)
+                    r = run_load(url, data, 64, args.warmup, args.seconds, INFER)
                 finally:
                     stop(proc)
                 runs[mode].append(r)

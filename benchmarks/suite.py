@@ -22,7 +22,6 @@ p99 at 50% load <= 2x lone-request latency.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -38,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.classify_vs_echo import free_port  # noqa: E402
+from benchmarks.classify_vs_echo import echo_server, free_port  # noqa: E402
 from benchmarks.serving_core import start, stop  # noqa: E402
 from server import bench  # noqa: E402
 from server.metadata import ModelMeta  # noqa: E402
@@ -48,6 +47,7 @@ from server.tasks import captioning, classification, detection, segmentation  # 
 from server.tasks.image import ImageLimits, prepare  # noqa: E402
 
 REPO = ROOT / "model_repo"
+VISION_METHODS = ("Classify", "Detect", "Segment", "Caption")
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("classifier", "detector", "segmenter", "captioner")
 
@@ -118,26 +118,9 @@ def in_process(model: str, seconds: float) -> dict:
 # ---------------------------------------------------------------- echo ceiling
 
 
-def _echo(port: int, reply_size: int) -> None:
-    async def main() -> None:
-        reply = b"\x00" * reply_size
-
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return reply
-
-        server = grpc.aio.server()
-        methods = {m: grpc.unary_unary_rpc_method_handler(handle) for m in ("Classify", "Detect", "Segment", "Caption")}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("optic.v1.Vision", methods),))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(main())
-
-
 def echo_ceiling(config: bench.BenchConfig, reply_size: int) -> dict:
     port = free_port()
-    proc = mp.Process(target=_echo, args=(port, reply_size), daemon=True)
+    proc = mp.Process(target=echo_server, args=(port, reply_size, VISION_METHODS), daemon=True)
     proc.start()
     try:
         time.sleep(1.0)

@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from server.proto.optic.v1 import vision_pb2 as vpb
+from server.tensors import DATATYPES
 
 TASK_OF_MODEL = {"classifier": "classify", "detector": "detect", "segmenter": "segment", "captioner": "caption"}
 VISION_METHODS = {
@@ -49,18 +50,6 @@ def _kpb():  # noqa: ANN202
     from server.proto.inference import grpc_service_pb2
 
     return grpc_service_pb2
-
-
-_NUMPY = {
-    "FP32": np.float32,
-    "FP16": np.float16,
-    "FP64": np.float64,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "UINT8": np.uint8,
-    "INT8": np.int8,
-    "BOOL": np.bool_,
-}
 
 
 @dataclass
@@ -136,8 +125,8 @@ def kserve_payloads(config: BenchConfig, count: int = 16) -> tuple[str, list[byt
     for _ in range(count):
         request = kpb.ModelInferRequest(model_name=config.model)
         for tensor in meta.inputs:
-            dtype = _NUMPY.get(tensor.datatype)
-            if dtype is None:
+            dtype = DATATYPES.get(tensor.datatype)
+            if dtype is None or tensor.datatype == "BYTES":
                 raise ValueError(f"input {tensor.name!r} is {tensor.datatype}; bench sends numeric tensors only")
             shape = [config.batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(tensor.shape)]
             value = (rng.random(shape) * 4).astype(dtype)
