@@ -27,6 +27,7 @@ from server.proto.optic.v1 import vision_pb2, vision_pb2_grpc
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, default_threads
 from server.scheduler import BatchingConfig
+from server.security import Admission, SecurityConfig, TokenAuth, load_tokens, server_credentials
 from server.tasks.image import ImageLimits
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class ServerConfig:
     startup_models: tuple[str, ...] = ("*",)  # explicit mode: loaded at start ("*": all)
     poll_seconds: float = 5.0
     queue_timeout: float | None = None  # default queue policy timeout (s) where config.pbtxt sets none
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    max_inflight: int = 1024  # calls in flight before new ones get RESOURCE_EXHAUSTED (health exempt)
+    health_port: int = 0  # plaintext, health-only port for probes when the main port needs TLS or a token
 
 
 class OpticServer:
@@ -78,7 +82,18 @@ class OpticServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.grpc = grpc.aio.server(options=options)
+        self.credentials = server_credentials(config.security)
+        self.admission = Admission(config.max_inflight)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.security.token_file is not None:
+            tokens = load_tokens(config.security.token_file)
+            interceptors.append(TokenAuth(tokens, config.security.open_services))
+        interceptors.append(self.admission)
+        self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
+        self.health_grpc: grpc.aio.Server | None = None
+        if config.health_port:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.repo, lambda: self.draining), self.grpc
         )
@@ -96,18 +111,29 @@ class OpticServer:
 
     async def start(self) -> None:
         """Listen first (health says NOT_SERVING), then load models, then say SERVING."""
-        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self.credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, self.credentials)
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.grpc_port}")
+            raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc.start()
+        if self.health_grpc is not None:
+            if self.health_grpc.add_insecure_port(f"{self.config.host}:{self.config.health_port}") == 0:
+                raise OSError(f"cannot listen on {self.config.host}:{self.config.health_port}")
+            await self.health_grpc.start()
         if self.config.metrics_port:
             serve_metrics(self.config.metrics_port, self.config.metrics_host)
+        sec = self.config.security
         log.info(
-            "gRPC on %s:%d, metrics on :%d; loading %s",
+            "gRPC on %s:%d (%s%s), metrics on :%d; loading %s",
             self.config.host,
             self.port,
+            ("mutual TLS" if sec.tls_client_ca else "TLS") if self.credentials else "plaintext",
+            ", bearer token" if sec.token_file else "",
             self.config.metrics_port,
             self.config.model_repo,
         )
@@ -125,6 +151,8 @@ class OpticServer:
         self.draining = True
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
         await self.repo.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server.runtime import DEVICES, RuntimeOptions, providers_for
 from server.scheduler import BatchingConfig
+from server.security import OPEN_GROUPS, SecurityConfig, SecurityError, load_tokens, server_credentials
 from server.tasks.image import ImageLimits
 
 DEFAULT_GRPC_PORT = 8001
@@ -62,6 +63,33 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message accepted")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=1024,
+        help="calls in flight before new ones get RESOURCE_EXHAUSTED (health and reflection exempt)",
+    )
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve gRPC over TLS")
+    sec.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key (with --tls-cert)")
+    sec.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM", help="mutual TLS: require client certificates signed by this CA"
+    )
+    sec.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' with a token from this file (one per line)",
+    )
+    sec.add_argument(
+        "--auth-open",
+        default="health",
+        metavar="LIST",
+        help="services reachable without a token: comma list of health, reflection, or 'none' (default: health)",
+    )
+    sec.add_argument(
+        "--health-port", type=int, default=0, help="also serve gRPC health alone, plaintext, on this port (0: off)"
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -75,10 +103,17 @@ def serve(args: argparse.Namespace) -> int:
         "intra_op_threads",
         "inter_op_threads",
         "max_image_pixels",
+        "max_inflight",
+        "health_port",
     ):
-        if getattr(args, flag) < (1 if flag in ("instances", "max_queue_size", "max_image_pixels") else 0):
+        at_least_one = ("instances", "max_queue_size", "max_image_pixels", "max_inflight")
+        if getattr(args, flag) < (1 if flag in at_least_one else 0):
             print(f"optic serve: --{flag.replace('_', '-')} is out of range", file=sys.stderr)
             return 2
+    security = _security(args)
+    if isinstance(security, str):
+        print(f"optic serve: {security}", file=sys.stderr)
+        return 2
     bad = [o for o in args.cuda_option if "=" not in o or not o.split("=", 1)[0]]
     if bad:
         print(f"optic serve: --cuda-option {bad[0]!r} must be KEY=VALUE", file=sys.stderr)
@@ -112,6 +147,9 @@ def serve(args: argparse.Namespace) -> int:
         startup_models=tuple(args.load_model) if args.model_control_mode == "explicit" else ("*",),
         poll_seconds=args.repository_poll_secs,
         queue_timeout=args.queue_timeout_ms / 1000.0 or None,
+        security=security,
+        max_inflight=args.max_inflight,
+        health_port=args.health_port,
     )
     if args.repository_poll_secs <= 0 or args.queue_timeout_ms < 0:
         print("optic serve: --repository-poll-secs must be > 0 and --queue-timeout-ms >= 0", file=sys.stderr)
@@ -126,6 +164,22 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     run(config)
     return 0
+
+
+def _security(args: argparse.Namespace) -> SecurityConfig | str:
+    """The security flags, checked (files read, tokens parsed) before anything starts; a string is the error."""
+    groups = tuple(g.strip() for g in args.auth_open.split(",") if g.strip() and g.strip() != "none")
+    unknown = [g for g in groups if g not in OPEN_GROUPS]
+    if unknown:
+        return f"--auth-open {unknown[0]!r}: choose from {', '.join(OPEN_GROUPS)} or none"
+    config = SecurityConfig(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file, groups)
+    try:
+        server_credentials(config)
+        if config.token_file is not None:
+            load_tokens(config.token_file)
+    except (SecurityError, UnicodeDecodeError) as exc:
+        return str(exc)
+    return config
 
 
 def infer(args: argparse.Namespace) -> int:

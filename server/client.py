@@ -7,9 +7,11 @@ tritonclient (whose generated ``inference`` module clashes with ours).
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -66,12 +68,71 @@ def _detections(result: pb.DetectResult) -> list[Detection]:
     ]
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """How to reach a server started with TLS, mutual TLS and/or a bearer token (all optional)."""
+
+    tls: bool = False  # TLS with the system's roots (or ``ca``)
+    ca: Path | None = None  # PEM roots that signed the server's certificate
+    cert: Path | None = None  # mutual TLS: this client's certificate chain (PEM)
+    key: Path | None = None  # mutual TLS: this client's private key (PEM)
+    token: str | None = None  # sent as ``authorization: Bearer <token>``
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or any(p is not None for p in (self.ca, self.cert, self.key))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        def read(p: Path | None) -> bytes | None:
+            return p.read_bytes() if p is not None else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the bearer token) to every call; works on plaintext channels too,
+    where gRPC refuses call credentials (a mesh or ingress may terminate TLS in front of the server)."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), *self._metadata))
+
+    def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_stream(self, continuation: Callable, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def open_channel(url: str, credentials: Credentials | None = None, options: list | None = None) -> grpc.Channel:
+    """A blocking channel to ``url``: plaintext, TLS or mutual TLS, with the token on every call."""
+    credentials = credentials or Credentials()
+    if credentials.secure:
+        channel = grpc.secure_channel(url, credentials.channel_credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(url, options=options)
+    metadata = credentials.metadata()
+    return grpc.intercept_channel(channel, _Metadata(metadata)) if metadata else channel
+
+
 class VisionClient:
     """Blocking client; ``url`` is ``host:port``. Every method takes one image or a list of them."""
 
-    def __init__(self, url: str, timeout: float = 30.0, max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        self._channel = grpc.insecure_channel(
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: Credentials | None = None,
+    ) -> None:
+        self._channel = open_channel(
             url,
+            credentials,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),

@@ -23,6 +23,28 @@ def add_arguments(p: argparse.ArgumentParser, default_url: str) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--save-vis", type=Path, metavar="DIR", help="write each image annotated as DIR/<name>.png")
+    add_credentials_arguments(p)
+
+
+def add_credentials_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags to reach a server started with --tls-cert, --tls-client-ca or --auth-token-file."""
+    g = p.add_argument_group("security")
+    g.add_argument("--tls", action="store_true", help="connect over TLS (system roots unless --tls-ca)")
+    g.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the server's certificate (implies --tls)")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="mutual TLS: client certificate chain")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="mutual TLS: client private key")
+    g.add_argument("--token-file", type=Path, metavar="FILE", help="bearer token (first line of the file)")
+
+
+def credentials_of(args: argparse.Namespace) -> object:
+    """``server.client.Credentials`` from the flags; OSError if a file cannot be read."""
+    from server.client import Credentials
+
+    token = None
+    if args.token_file is not None:
+        lines = [t.strip() for t in args.token_file.read_text().splitlines() if t.strip()]
+        token = lines[0] if lines else None
+    return Credentials(args.tls, args.tls_ca, args.tls_cert, args.tls_key, token)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or TASKS[args.task]
     results: dict[str, object] = {}
-    with VisionClient(args.url, timeout=args.timeout) as client:
+    try:
+        credentials = credentials_of(args)
+    except OSError as exc:
+        print(f"optic infer: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with VisionClient(args.url, timeout=args.timeout, credentials=credentials) as client:  # type: ignore[arg-type]
         for image in args.images:
             try:
                 data = Path(image).read_bytes()

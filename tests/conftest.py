@@ -40,6 +40,7 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log_path: Path
+    health_port: int = 0  # the plaintext health-only port, when the main one needs TLS or a token
 
     @property
     def url(self) -> str:
@@ -53,7 +54,8 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.url) as ch:
+        url = f"127.0.0.1:{self.health_port}" if self.health_port else self.url
+        with grpc.insecure_channel(url) as ch:
             return (
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             )
@@ -64,8 +66,10 @@ class RunningServer:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO) -> RunningServer:
+def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_port: bool = False) -> RunningServer:
+    """``health_port``: also open the plaintext health-only port and wait on it (for TLS or token servers)."""
     grpc_port, metrics_port = free_port(), free_port()
+    hp = free_port() if health_port else 0
     log_path = log_dir / f"server-{grpc_port}.log"
     cmd = [
         sys.executable,
@@ -82,13 +86,14 @@ def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO) -> Running
         str(metrics_port),
         "--metrics-host",
         "127.0.0.1",
+        *(["--health-port", str(hp)] if hp else []),
         *extra,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         )
-    server = RunningServer(proc, grpc_port, metrics_port, log_path)
+    server = RunningServer(proc, grpc_port, metrics_port, log_path, hp)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
