@@ -55,6 +55,7 @@ class ServerConfig:
     queue_timeout: float | None = None  # default queue policy timeout (s) where config.pbtxt sets none
     security: SecurityConfig = field(default_factory=SecurityConfig)
     max_inflight: int = 1024  # calls in flight before new ones get RESOURCE_EXHAUSTED (health exempt)
+    allow_non_finite: bool = False  # KServe: accept NaN/Inf in float input tensors
     health_port: int = 0  # plaintext, health-only port for probes when the main port needs TLS or a token
 
 
@@ -95,7 +96,7 @@ class OpticServer:
             self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repo, lambda: self.draining), self.grpc
+            KServeServicer(self.repo, lambda: self.draining, config.allow_non_finite), self.grpc
         )
         vision_pb2_grpc.add_VisionServicer_to_server(
             VisionServicer(self.repo, self._pool, config.image_limits), self.grpc

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from server.runtime import DEVICES, RuntimeOptions, providers_for
 from server.scheduler import BatchingConfig
-from server.security import OPEN_GROUPS, SecurityConfig, SecurityError, load_tokens, server_credentials
+from server.security import (
+    OPEN_GROUPS,
+    EscapingFormatter,
+    SecurityConfig,
+    SecurityError,
+    load_tokens,
+    server_credentials,
+)
 from server.tasks.image import ImageLimits
 
 DEFAULT_GRPC_PORT = 8001
@@ -68,6 +75,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1024,
         help="calls in flight before new ones get RESOURCE_EXHAUSTED (health and reflection exempt)",
+    )
+    p.add_argument(
+        "--allow-non-finite", action="store_true", help="KServe: accept NaN/Inf in float inputs (default: refused)"
     )
     sec = p.add_argument_group("security")
     sec.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve gRPC over TLS")
@@ -150,6 +160,7 @@ def serve(args: argparse.Namespace) -> int:
         security=security,
         max_inflight=args.max_inflight,
         health_port=args.health_port,
+        allow_non_finite=args.allow_non_finite,
     )
     if args.repository_poll_secs <= 0 or args.queue_timeout_ms < 0:
         print("optic serve: --repository-poll-secs must be > 0 and --queue-timeout-ms >= 0", file=sys.stderr)
@@ -229,10 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), handlers=[handler])
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do

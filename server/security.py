@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,12 +158,35 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         )
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a request that is not a valid protobuf message parses to (grpcio would answer UNKNOWN)."""
+
+    message: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    kind = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
+            return _Undecodable(f"the request is not a valid {kind} message ({type(exc).__name__})")
+
+    return parse
+
+
 class Admission(grpc.aio.ServerInterceptor):
     """At most ``limit`` calls in flight; more get RESOURCE_EXHAUSTED at once instead of queueing unseen.
 
     The per-model queues bound what waits for a model; this bounds everything
     before them (requests decoding images, waiting for a worker thread), so
     memory under overload is bounded by ``limit`` times the message limit.
+    Unary requests that are not valid protobuf get INVALID_ARGUMENT here.
     """
 
     def __init__(self, limit: int) -> None:
@@ -182,6 +206,9 @@ class Admission(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behaviour):
 
             async def admitted_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    _count(method, "INVALID_ARGUMENT")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 if not self._enter():
                     _count(method, "RESOURCE_EXHAUSTED")
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message())
@@ -191,9 +218,14 @@ class Admission(grpc.aio.ServerInterceptor):
                 finally:
                     self.inflight -= 1
 
+            if not handler.request_streaming:
+                handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
             return handler._replace(**{kind: admitted_stream})  # type: ignore[attr-defined]
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                _count(method, "INVALID_ARGUMENT")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             if not self._enter():
                 _count(method, "RESOURCE_EXHAUSTED")
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message())
@@ -202,6 +234,8 @@ class Admission(grpc.aio.ServerInterceptor):
             finally:
                 self.inflight -= 1
 
+        if not handler.request_streaming:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
         return handler._replace(**{kind: admitted})  # type: ignore[attr-defined]
 
     def _enter(self) -> bool:
@@ -212,3 +246,22 @@ class Admission(grpc.aio.ServerInterceptor):
 
     def _message(self) -> str:
         return f"server is at its limit of {self.limit} calls in flight (--max-inflight); retry with backoff"
+
+
+# C0/C1 controls except tab and newline, DEL, and the Unicode line/paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log records that no request can forge or garble: control characters (ANSI escapes, carriage
+    returns) are written as ``\\xNN``, and every continuation line (tracebacks) is indented, so only a
+    real record starts a line with its timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = _CONTROL.sub(_escape, super().format(record))
+        return text.replace("\n", "\n    ")

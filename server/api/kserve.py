@@ -22,8 +22,14 @@ MAX_CLASSIFICATION = 1000
 STREAM_WINDOW = 64  # requests of one stream in flight; beyond it, reading pauses (gRPC flow control does the rest)
 
 
-def decode_inputs(request: pb.ModelInferRequest, model: ServedModel) -> dict[str, np.ndarray]:
-    """Validate the request's tensors against the model's inputs and decode them."""
+def decode_inputs(
+    request: pb.ModelInferRequest, model: ServedModel, allow_non_finite: bool = False
+) -> dict[str, np.ndarray]:
+    """Validate the request's tensors against the model's inputs and decode them.
+
+    NaN and infinity are refused unless allowed: in an image model's input they are a client bug
+    (a division by zero in normalisation), and would come back as NaN scores that look like answers.
+    """
     specs = {s.name: s for s in model.inputs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -60,6 +66,13 @@ def decode_inputs(request: pb.ModelInferRequest, model: ServedModel) -> dict[str
             if field is None:
                 raise InvalidArgument(f"input {tensor.name!r}: {tensor.datatype} can only be sent as raw contents")
             decoded[tensor.name] = from_contents(tensor.name, tensor.datatype, shape, getattr(tensor.contents, field))
+        array = decoded[tensor.name]
+        if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise InvalidArgument(
+                f"input {tensor.name!r} holds {bad} NaN or infinite value(s); send finite numbers "
+                "(or start the server with --allow-non-finite)"
+            )
     missing = [n for n in specs if n not in decoded]
     if missing:
         raise InvalidArgument(f"model {model.name!r} needs input(s) {', '.join(missing)}")
@@ -72,9 +85,10 @@ def tensor_metadata(model: ServedModel, kind: str) -> list[pb.ModelMetadataRespo
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repo: ModelRepository, draining: Callable[[], bool]) -> None:
+    def __init__(self, repo: ModelRepository, draining: Callable[[], bool], allow_non_finite: bool = False) -> None:
         self.repo = repo
         self._draining = draining
+        self._allow_non_finite = allow_non_finite
 
     @rpc("ServerLive")
     async def ServerLive(
@@ -130,7 +144,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             top_k = {o.name: _classification_k(o) for o in request.outputs}
             queue_timeout = _queue_timeout(request, model)
-            inputs = decode_inputs(request, model)
+            inputs = decode_inputs(request, model, self._allow_non_finite)
             outputs = await model.infer(inputs, timeout, queue_timeout)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name in wanted:

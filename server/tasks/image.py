@@ -81,6 +81,11 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
         raise InvalidArgument(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
     rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
     img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grey (PNG): keep the high byte, as Pillow itself does for 16-bit RGB; convert() would clip
+        # every value above 255 to white.
+        wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
     if img.mode != "RGB":
         img = img.convert("RGB")
     # The size before any JPEG draft downscale, as the client sees the image (after orientation).
