@@ -150,7 +150,8 @@ class OpticServer:
             await self._stopped.wait()
             return
         self.draining = True
-        await self.health.enter_graceful_shutdown()
+        # Readiness off; liveness stays SERVING, so a pod that drains cleanly is never restarted for it.
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
         if self.health_grpc is not None:
             await self.health_grpc.stop(0)

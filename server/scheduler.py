@@ -227,11 +227,11 @@ class DynamicBatcher:
             loop = asyncio.get_running_loop()
             try:
                 outputs, infer_seconds = await loop.run_in_executor(self._executor, self._timed_run, feeds)
-            except OpticError as exc:
-                self._fail(batch, exc)
-                return
-            except Exception as exc:  # a model failing at run time fails only its batch
-                self._fail(batch, Internal(f"model {self.name!r} failed: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a model failing at run time fails only its own requests
+                if len(batch) == 1:
+                    self._fail(batch, self._error(exc))
+                else:  # one poisoned input must not fail its neighbours: run each request alone
+                    await self._isolate(batch)
                 return
             total = sum(p.size for p in batch)
             if self.config.max_batch_size > 0:
@@ -253,6 +253,26 @@ class DynamicBatcher:
                 self._observer.observe_batch(total, gathered - started, infer_seconds, done - split_start)
         finally:
             self._slots.release()
+
+    async def _isolate(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for p in batch:
+            if p.future.done():
+                continue
+            try:
+                outputs, infer_seconds = await loop.run_in_executor(self._executor, self._timed_run, p.inputs)
+            except Exception as exc:
+                p.future.set_exception(self._error(exc))
+                continue
+            if not p.future.done():
+                p.future.set_result(dict(outputs))
+            if self._observer:
+                self._observer.observe_batch(p.size, 0.0, infer_seconds, 0.0)
+
+    def _error(self, exc: Exception) -> OpticError:
+        if isinstance(exc, OpticError):
+            return exc
+        return Internal(f"model {self.name!r} failed: {type(exc).__name__}: {exc}")
 
     def _timed_run(self, feeds: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], float]:
         started = time.monotonic()

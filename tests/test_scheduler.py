@@ -138,6 +138,22 @@ def test_a_failing_batch_fails_only_its_requests():
     run(_with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay=0), body))
 
 
+def test_a_poisoned_request_does_not_fail_its_batch_neighbours():
+    model = Recorder(fail_on=13.0)
+
+    async def body(b):
+        values = [1.0, 13.0, 2.0, 3.0]
+        calls = [b.infer({"x": np.full((1, 2), v, np.float32)}) for v in values]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(results[1], Internal) and "poisoned input" in results[1].message
+        for v, r in zip(values, results, strict=True):
+            if v != 13.0:
+                np.testing.assert_array_equal(r["y"], np.full((1, 2), 2 * v))
+
+    run(_with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay=0.05), body))
+    assert model.sizes == [4, 1, 1, 1, 1]  # the failed batch, then each request alone
+
+
 def test_batch_size_limits():
     async def body(b):
         with pytest.raises(InvalidArgument, match="batch of 5"):
