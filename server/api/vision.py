@@ -101,7 +101,13 @@ class VisionServicer(pb_grpc.VisionServicer):
             prepared = await self._prepare(source, model)
             outputs = await self._infer(model, prepared.tensor, timeout)
             started = time.perf_counter()
-            result = finish(prepared, outputs)
+            if prepared.transform.width * prepared.transform.height > self._limits.inline_pixels:
+                # Work at the original size (a mask resampled and PNG-encoded: ~20 ms at 1080p) would stall
+                # the event loop, and with it every other call, including the cheap refusals under overload.
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._executor, finish, prepared, outputs)
+            else:
+                result = finish(prepared, outputs)
             STAGE_TIME.labels(model.name, "postprocess").observe(time.perf_counter() - started)
             return result
 
