@@ -202,50 +202,47 @@ class Admission(grpc.aio.ServerInterceptor):
             return handler
         kind = _kind(handler)
         behaviour = getattr(handler, kind)
+        if not handler.request_streaming:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
 
         if inspect.isasyncgenfunction(behaviour):
 
             async def admitted_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    _count(method, "INVALID_ARGUMENT")
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                if not self._enter():
-                    _count(method, "RESOURCE_EXHAUSTED")
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message())
+                await self._admit(method, request, context)
                 try:
                     async for item in behaviour(request, context):
                         yield item
                 finally:
                     self.inflight -= 1
 
-            if not handler.request_streaming:
-                handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
             return handler._replace(**{kind: admitted_stream})  # type: ignore[attr-defined]
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, _Undecodable):
-                _count(method, "INVALID_ARGUMENT")
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-            if not self._enter():
-                _count(method, "RESOURCE_EXHAUSTED")
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message())
+            await self._admit(method, request, context)
             try:
                 return await behaviour(request, context)
             finally:
                 self.inflight -= 1
 
-        if not handler.request_streaming:
-            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
         return handler._replace(**{kind: admitted})  # type: ignore[attr-defined]
+
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Take an in-flight slot (released by the caller) or abort the call."""
+        if isinstance(request, _Undecodable):
+            _count(method, "INVALID_ARGUMENT")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if not self._enter():
+            _count(method, "RESOURCE_EXHAUSTED")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.limit} calls in flight (--max-inflight); retry with backoff",
+            )
 
     def _enter(self) -> bool:
         if self.inflight >= self.limit:
             return False
         self.inflight += 1
         return True
-
-    def _message(self) -> str:
-        return f"server is at its limit of {self.limit} calls in flight (--max-inflight); retry with backoff"
 
 
 # C0/C1 controls except tab and newline, DEL, and the Unicode line/paragraph separators.

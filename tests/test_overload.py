@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from grpc_health.v1 import health_pb2
 
 from tests.conftest import ROOT, RunningServer, start_server
 from tests.test_hostile import rss_mb
@@ -46,6 +47,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.srv = srv
         self.samples: list[tuple[float, float, float, float]] = []  # (t, rss MB, queued, in flight)
+        self.health: list[float] = []  # seconds per health check (exempt from --max-inflight)
         self.halt = threading.Event()
 
     @staticmethod
@@ -64,6 +66,9 @@ class Sampler(threading.Thread):
                     self._total(text, "optic_inflight_requests"),
                 )
             )
+            begun = time.monotonic()
+            assert self.srv.health() == health_pb2.HealthCheckResponse.SERVING
+            self.health.append(time.monotonic() - begun)
             self.halt.wait(0.25)
 
 
@@ -99,6 +104,7 @@ def test_three_times_capacity_is_shed_bounded_and_recovered(overload_server: Run
         "peak_queue": peak_queue,
         "peak_inflight": peak_inflight,
         "rss_mb": {"before": round(rss_before, 1), "peak": round(peak_rss, 1)},
+        "health_check_max_ms": round(1000 * max(sampler.health), 1),
         "lone_p50_ms": {"before": before["latency_ms"]["p50"], "after": after["latency_ms"]["p50"]},
     }
     print("\noverload:", json.dumps(figures, indent=1))
@@ -112,6 +118,8 @@ def test_three_times_capacity_is_shed_bounded_and_recovered(overload_server: Run
     # request waits at most about a full house (MAX_INFLIGHT requests at capacity) plus its own time.
     assert peak_inflight <= MAX_INFLIGHT and peak_queue <= MAX_INFLIGHT, figures
     assert peak_rss - rss_before < 250, figures
+    # Probes get through a saturated server (health is exempt from the in-flight limit).
+    assert len(sampler.health) > 0.3 * OVERLOAD_SECONDS / 0.25 and max(sampler.health) < 2.0, figures
     assert over["latency_ms"]["p99"] < 2 * 1000 * MAX_INFLIGHT / capacity + 1000, figures
     # Recovered: no errors, and a light load is served as fast as before.
     assert after["errors"] == {} and before["errors"] == {}
