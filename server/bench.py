@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from server.client import Credentials, open_channel
 from server.proto.optic.v1 import vision_pb2 as vpb
 from server.tensors import DATATYPES
 
@@ -69,6 +70,7 @@ class BenchConfig:
     timeout: float = 30.0
     max_outstanding: int = 2000
     progress: bool = True
+    credentials: Credentials = field(default_factory=Credentials)  # TLS / mTLS / bearer token
 
 
 @dataclass
@@ -116,7 +118,7 @@ def vision_payloads(config: BenchConfig, count: int = 32) -> tuple[str, list[byt
 def kserve_payloads(config: BenchConfig, count: int = 16) -> tuple[str, list[bytes]]:
     """Random tensors shaped from the model's own metadata (open dims: 1; batch axis: --batch)."""
     kpb = _kpb()
-    with grpc.insecure_channel(config.url) as channel:
+    with open_channel(config.url, config.credentials) as channel:
         call = channel.unary_unary(KSERVE + "ModelMetadata")
         raw = call(kpb.ModelMetadataRequest(name=config.model).SerializeToString(), timeout=config.timeout)
     meta = kpb.ModelMetadataResponse.FromString(raw)
@@ -149,7 +151,13 @@ def _worker(
         latencies: list[float] = []
         codes: list[str] = []
         options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-        async with grpc.aio.insecure_channel(config.url, options=options) as channel:
+        creds = config.credentials
+        if creds.secure:
+            channel_cm = grpc.aio.secure_channel(config.url, creds.channel_credentials(), options=options)
+        else:
+            channel_cm = grpc.aio.insecure_channel(config.url, options=options)
+        metadata = creds.metadata() or None
+        async with channel_cm as channel:
             call = channel.unary_unary(method)
             measure_from = start_at + config.warmup
             stop_at = measure_from + (config.duration if not config.requests else 1e9)
@@ -164,7 +172,7 @@ def _worker(
                 begun = time.monotonic()
                 code = "OK"
                 try:
-                    await call(payloads[n % len(payloads)], timeout=config.timeout)
+                    await call(payloads[n % len(payloads)], timeout=config.timeout, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
                 finally:
@@ -218,11 +226,13 @@ def _worker(
 # ---------------------------------------------------------------- server statistics
 
 
-def server_statistics(url: str, model: str, timeout: float = 10.0) -> dict[str, dict] | None:
+def server_statistics(
+    url: str, model: str, timeout: float = 10.0, credentials: Credentials | None = None
+) -> dict[str, dict] | None:
     """Cumulative KServe ModelStatistics per model version, or None when the server has none for ``model``."""
     kpb = _kpb()
     try:
-        with grpc.insecure_channel(url) as channel:
+        with open_channel(url, credentials) as channel:
             call = channel.unary_unary(KSERVE + "ModelStatistics")
             raw = call(kpb.ModelStatisticsRequest(name=model).SerializeToString(), timeout=timeout)
     except grpc.RpcError:
@@ -287,7 +297,7 @@ def run(config: BenchConfig, payloads: tuple[str, list[bytes]] | None = None) ->
         raise ValueError("--workers must be >= 1 and --duration > 0 (or --requests > 0)")
     method, data = payloads or (vision_payloads(config) if config.api == "vision" else kserve_payloads(config))
     models = stats_models(config)
-    before = {m: server_statistics(config.url, m) for m in models}
+    before = {m: server_statistics(config.url, m, credentials=config.credentials) for m in models}
     # Spawned, not forked: this process has used gRPC (and maybe onnxruntime) threads, which a fork
     # can leave deadlocked in the child. Workers start together once all have imported.
     ctx = mp.get_context("spawn")
@@ -317,7 +327,7 @@ def run(config: BenchConfig, payloads: tuple[str, list[bytes]] | None = None) ->
         print(file=sys.stderr)
     for p in procs:
         p.join(timeout=10)
-    after = {m: server_statistics(config.url, m) for m in models}
+    after = {m: server_statistics(config.url, m, credentials=config.credentials) for m in models}
     starts = np.concatenate([np.asarray(p[1], dtype=np.float64) for p in parts]) if parts else np.zeros(0)
     lat = np.concatenate([np.asarray(p[2], dtype=np.float64) for p in parts]) if parts else np.zeros(0)
     codes = [c for p in parts for c in p[3]]
@@ -415,6 +425,9 @@ def add_arguments(p: argparse.ArgumentParser, default_url: str) -> None:
     p.add_argument("--plot", type=Path, help="with --sweep: latency-vs-throughput PNG")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     p.add_argument("--no-progress", action="store_true")
+    from server.infer_cli import add_credentials_arguments
+
+    add_credentials_arguments(p)
 
 
 def _summary(r: BenchResult) -> str:
@@ -436,6 +449,13 @@ def _summary(r: BenchResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from server.infer_cli import credentials_of
+
+    try:
+        credentials = credentials_of(args)
+    except OSError as exc:
+        print(f"optic bench: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     config = BenchConfig(
         url=args.url,
         api=args.api,
@@ -451,6 +471,7 @@ def main(args: argparse.Namespace) -> int:
         image_size=tuple(args.image_size),  # type: ignore[arg-type]
         timeout=args.timeout,
         progress=not args.no_progress,
+        credentials=credentials,  # type: ignore[arg-type]
     )
     try:
         if args.sweep:

@@ -236,6 +236,17 @@ def test_bearer_token_required_and_rotation_accepted(token_server) -> None:
     assert 'code="UNAUTHENTICATED"' in metrics
 
 
+def test_optic_bench_reaches_a_token_server(pki: Pki, token_server, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKENS[0] + "\n")
+    base = [sys.executable, "-m", "server.cli", "bench", "--url", token_server.url, "--requests", "20",
+            "--concurrency", "2", "--warmup", "0", "--no-progress", "--image-size", "64", "64"]  # fmt: skip
+    ok = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert ok.returncode == 0 and "errors: none" in ok.stdout, ok.stdout + ok.stderr
+    refused = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "UNAUTHENTICATED" in refused.stdout + refused.stderr
+
+
 def test_auth_open_choices(pki: Pki, one_model_repo: Path, tmp_path: Path) -> None:
     srv = start_server(
         tmp_path, "--auth-token-file", str(pki.tokens), "--auth-open", "none", repo=one_model_repo, health_port=True
