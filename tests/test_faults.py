@@ -154,10 +154,10 @@ def test_poll_mode_keeps_serving_when_the_model_file_is_corrupted_or_deleted(tmp
 def test_sigterm_under_load_drains_refuses_new_work_and_exits_0(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_model(
-        repo, "slow", slow_model(20), "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+        repo, "slow", slow_model(40), "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
     )
     srv = start_server(tmp_path, "--grace-seconds", "20", repo=repo, health_port=True)
-    results: list[object] = [None] * 8
+    results: list[object] = [None] * 12
 
     def one(i: int) -> None:
         with grpc.insecure_channel(srv.url) as ch:
@@ -169,10 +169,10 @@ def test_sigterm_under_load_drains_refuses_new_work_and_exits_0(tmp_path: Path) 
             except grpc.RpcError as err:
                 results[i] = err
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # every request is queued or running now (8 samples need ~1 s of compute)
+    time.sleep(0.3)  # every request is queued or running now (12 samples need ~2.5 s of compute here)
     srv.proc.terminate()
     signalled = time.monotonic()
     with grpc.insecure_channel(f"127.0.0.1:{srv.health_port}") as ch:
@@ -211,15 +211,16 @@ def test_sigterm_under_load_drains_refuses_new_work_and_exits_0(tmp_path: Path) 
 def test_cancelled_and_expired_requests_never_reach_the_model(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_model(
-        repo, "slow", slow_model(40), "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+        repo, "slow", slow_model(60), "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
     )
     srv = start_server(tmp_path, repo=repo)
     try:
         x = np.ones((1, 1), np.float32)
+        four = np.ones((4, 1), np.float32)  # ~1.3 s of compute here: the others queue behind it
         with grpc.insecure_channel(srv.url) as ch:
             s = kpb_grpc.GRPCInferenceServiceStub(ch)
             base = statistics(s, "slow")
-            busy = s.ModelInfer.future(infer_request("slow", "x", x, "FP32"), timeout=30)  # occupies the model
+            busy = s.ModelInfer.future(infer_request("slow", "x", four, "FP32"), timeout=30)  # occupies the model
             time.sleep(0.05)
             expiring = s.ModelInfer.future(infer_request("slow", "x", x, "FP32"), timeout=0.1)
             cancelled = s.ModelInfer.future(infer_request("slow", "x", x, "FP32"), timeout=30)
@@ -232,11 +233,11 @@ def test_cancelled_and_expired_requests_never_reach_the_model(tmp_path: Path) ->
             assert cancelled.cancelled()
             time.sleep(0.3)
             after = statistics(s, "slow")
-            # Only the first request was computed; the two that gave up while queued cost nothing.
-            assert after.inference_count - base.inference_count == 1
+            # Only the first request (4 samples) was computed; the two that gave up while queued cost nothing.
+            assert after.inference_count - base.inference_count == 4
             assert after.execution_count - base.execution_count == 1
             s.ModelInfer(infer_request("slow", "x", x, "FP32"), timeout=30)  # and the model still answers
-            assert statistics(s, "slow").inference_count - base.inference_count == 2
+            assert statistics(s, "slow").inference_count - base.inference_count == 5
     finally:
         assert srv.stop() == 0, srv.log()
 
