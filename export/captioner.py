@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from export.data import COLORS, SHAPES, make_scenes
 from export.models import CaptionDecoderStep, CaptionEncoder
 from export.onnx_export import session, set_metadata, to_onnx
-from export.recipe import ModelReport, count_params, eval_props, finish, size_of
+from export.recipe import ModelReport, eval_props, finish
 from export.train import seed_everything
 from server.metadata import InputSpec, ModelMeta
 from server.tasks.image import normalize
@@ -148,19 +148,8 @@ def build(out: Path, recipe: CaptionerRecipe | None = None, progress: bool = Tru
         eval_props("bleu4", value, split, diff),
         "Optic shape captioner, {role} (CNN + LSTM, synthetic scenes)",
     )
-    report = ModelReport(
-        name="captioner",
-        paths=(out / ENCODER / "1" / "model.onnx", out / DECODER / "1" / "model.onnx"),
-        metric="BLEU-4",
-        value=value,
-        gate=recipe.gate,
-        max_abs_diff=diff,
-        tolerance=recipe.tolerance,
-        params=count_params(encoder) + count_params(decoder),
-        onnx_bytes=size_of(enc_proto, dec_proto),
-        seconds=time.monotonic() - started,
-    )
-    return finish(report, [enc_proto, dec_proto])
+    protos = {ENCODER: enc_proto, DECODER: dec_proto}
+    return finish("captioner", out, protos, [encoder, decoder], "BLEU-4", value, diff, recipe, started)
 
 
 def export_pair(

@@ -12,7 +12,7 @@ import torch
 from export.data import SHAPES, classification_arrays, make_scenes
 from export.models import ShapeClassifier
 from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
-from export.recipe import ModelReport, count_params, eval_props, finish, size_of
+from export.recipe import ModelReport, eval_props, finish
 from export.train import TrainConfig, predict, seed_everything, train_classifier
 from server.metadata import InputSpec, ModelMeta
 from server.tasks.image import normalize
@@ -76,16 +76,6 @@ def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = Tr
         extra=eval_props("accuracy", value, split, check.max_abs_diff),
     )
     set_metadata(proto, meta.to_props(), doc="Optic shape classifier (synthetic scenes)")
-    report = ModelReport(
-        name="classifier",
-        paths=(out / "classifier" / "1" / "model.onnx",),
-        metric="accuracy",
-        value=value,
-        gate=recipe.gate,
-        max_abs_diff=check.max_abs_diff,
-        tolerance=recipe.tolerance,
-        params=count_params(model),
-        onnx_bytes=size_of(proto),
-        seconds=time.monotonic() - started,
+    return finish(
+        "classifier", out, {"classifier": proto}, [model], "accuracy", value, check.max_abs_diff, recipe, started
     )
-    return finish(report, [proto])

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from export.data import SHAPES, Scene, make_scenes
 from export.models import DecodedDetector, ShapeDetector
 from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
-from export.recipe import ModelReport, count_params, eval_props, finish, size_of
+from export.recipe import ModelReport, eval_props, finish
 from export.train import seed_everything
 from server.metadata import InputSpec, ModelMeta
 from server.tasks.detection import detect
@@ -229,16 +229,4 @@ def build(out: Path, recipe: DetectorRecipe | None = None, progress: bool = True
         },
     )
     set_metadata(proto, meta.to_props(), doc="Optic shape detector (YOLO-style, synthetic scenes)")
-    report = ModelReport(
-        name="detector",
-        paths=(out / "detector" / "1" / "model.onnx",),
-        metric="mAP@0.5",
-        value=value,
-        gate=recipe.gate,
-        max_abs_diff=check.max_abs_diff,
-        tolerance=recipe.tolerance,
-        params=count_params(model),
-        onnx_bytes=size_of(proto),
-        seconds=time.monotonic() - started,
-    )
-    return finish(report, [proto])
+    return finish("detector", out, {"detector": proto}, [model], "mAP@0.5", value, check.max_abs_diff, recipe, started)

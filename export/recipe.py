@@ -7,8 +7,10 @@ to write unless parity and the gate both hold.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import onnx
 
@@ -82,13 +84,40 @@ def eval_props(metric: str, value: float, split: str, max_abs_diff: float) -> di
     }
 
 
-def finish(report: ModelReport, protos: list[onnx.ModelProto]) -> ModelReport:
-    """Write ``protos`` to ``report.paths`` only if parity and the gate hold."""
+class Gated(Protocol):
+    gate: float  # the metric below which the model is not written
+    tolerance: float  # the largest torch-vs-onnxruntime difference allowed
+
+
+def finish(
+    name: str,
+    out: Path,
+    protos: dict[str, onnx.ModelProto],
+    modules: list[object],
+    metric: str,
+    value: float,
+    max_abs_diff: float,
+    recipe: Gated,
+    started: float,
+) -> ModelReport:
+    """Report a recipe's models and write each (``<out>/<entry>/1/model.onnx``) only if parity and the gate hold."""
+    report = ModelReport(
+        name=name,
+        paths=tuple(out / entry / "1" / "model.onnx" for entry in protos),
+        metric=metric,
+        value=value,
+        gate=recipe.gate,
+        max_abs_diff=max_abs_diff,
+        tolerance=recipe.tolerance,
+        params=sum(count_params(m) for m in modules),
+        onnx_bytes=size_of(*protos.values()),
+        seconds=time.monotonic() - started,
+    )
     if report.max_abs_diff > report.tolerance:
         return replace(report, reason=f"parity {report.max_abs_diff:.2e} > tolerance {report.tolerance:.0e}")
     if report.value < report.gate:
         return replace(report, reason=f"{report.metric} {report.value:.4f} < gate {report.gate:.2f}")
-    for proto, path in zip(protos, report.paths, strict=True):
+    for proto, path in zip(protos.values(), report.paths, strict=True):
         write_atomically(proto, path)
     return replace(report, written=True)
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from export.data import SHAPES, make_scenes
 from export.models import ShapeSegmenter
 from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
-from export.recipe import ModelReport, count_params, eval_props, finish, size_of
+from export.recipe import ModelReport, eval_props, finish
 from export.train import seed_everything
 from server.metadata import InputSpec, ModelMeta
 from server.tasks.image import normalize
@@ -100,16 +100,6 @@ def build(out: Path, recipe: SegmenterRecipe | None = None, progress: bool = Tru
         extra=eval_props("mean_iou", value, split, check.max_abs_diff),
     )
     set_metadata(proto, meta.to_props(), doc="Optic shape segmenter (FCN, synthetic scenes)")
-    report = ModelReport(
-        name="segmenter",
-        paths=(out / "segmenter" / "1" / "model.onnx",),
-        metric="mean IoU",
-        value=value,
-        gate=recipe.gate,
-        max_abs_diff=check.max_abs_diff,
-        tolerance=recipe.tolerance,
-        params=count_params(model),
-        onnx_bytes=size_of(proto),
-        seconds=time.monotonic() - started,
+    return finish(
+        "segmenter", out, {"segmenter": proto}, [model], "mean IoU", value, check.max_abs_diff, recipe, started
     )
-    return finish(report, [proto])
