@@ -84,12 +84,11 @@ class OpticServer:
             ("grpc.so_reuseport", 0),
         ]
         self.credentials = server_credentials(config.security)
-        self.admission = Admission(config.max_inflight)
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.security.token_file is not None:
             tokens = load_tokens(config.security.token_file)
             interceptors.append(TokenAuth(tokens, config.security.open_services))
-        interceptors.append(self.admission)
+        interceptors.append(Admission(config.max_inflight))
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
         self.health_grpc: grpc.aio.Server | None = None
         if config.health_port:

@@ -119,6 +119,10 @@ def one_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 IMAGE = encode(make_scenes(1, seed=3)[0].image)
 
 
+def tls_flags(pki: Pki) -> list[str]:
+    return ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+
+
 def _classify(url: str, credentials: Credentials) -> str:
     with VisionClient(url, timeout=10, credentials=credentials) as client:
         return client.classify(IMAGE, top_k=1)[0].label
@@ -136,10 +140,7 @@ def _code(fn: object, *args: object) -> grpc.StatusCode:
 def mtls_server(pki: Pki, one_model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(
         tmp_path_factory.mktemp("mtls"),
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
+        *tls_flags(pki),
         "--tls-client-ca",
         str(pki.ca),
         repo=one_model_repo,
@@ -152,10 +153,7 @@ def mtls_server(pki: Pki, one_model_repo: Path, tmp_path_factory: pytest.TempPat
 def test_tls_server_answers_tls_clients_only(pki: Pki, one_model_repo: Path, tmp_path: Path) -> None:
     srv = start_server(
         tmp_path,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
+        *tls_flags(pki),
         repo=one_model_repo,
         health_port=True,
     )
@@ -271,10 +269,7 @@ def test_auth_open_choices(pki: Pki, one_model_repo: Path, tmp_path: Path) -> No
 def test_tls_and_token_together_with_optic_infer(pki: Pki, one_model_repo: Path, tmp_path: Path) -> None:
     srv = start_server(
         tmp_path,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
+        *tls_flags(pki),
         "--auth-token-file",
         str(pki.tokens),
         repo=one_model_repo,
