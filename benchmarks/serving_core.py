@@ -58,11 +58,16 @@ def payloads(model: str, n: int = 64) -> list[bytes]:
     return [request(model, rng.random((1, *SHAPES[model]), dtype=np.float32)) for _ in range(n)]
 
 
-def start(repo: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+def start(repo: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``optic serve`` on a free port, once its models are loaded; its output goes to ``log`` if given."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1"]
     cmd += ["--grpc-port", str(port), "--metrics-port", "0", "--log-level", "WARNING", *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    if log is None:
+        proc = subprocess.Popen(cmd, cwd=ROOT)
+    else:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"
     wait_ready(url)
     deadline = time.monotonic() + 60
@@ -76,9 +81,10 @@ def start(repo: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server not ready")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, then the exit code."""
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    return proc.wait(timeout=60)
 
 
 def throughput(args: argparse.Namespace) -> dict:

@@ -1,9 +1,9 @@
 """Soak: a server under steady mixed load, with a sprinkling of bad requests, watched for errors and leaks.
 
-    python benchmarks/soak.py --minutes 10 --rate 40
+    python benchmarks/soak.py --minutes 10 --rate 80
 
-Starts ``optic serve`` on the default repository, then sends Poisson arrivals
-at ``--rate`` requests/s: Classify, Detect, Segment, Caption (greedy and beam
+Starts ``optic serve`` on the default repository (logging warnings and
+errors), then sends Poisson arrivals at ``--rate`` requests/s: Classify, Detect, Segment, Caption (greedy and beam
 3) with 640x480 JPEGs, KServe ModelInfer tensors, and one bad request in
 ``--bad-every`` (garbage image, unknown model, NaN tensor, 1x1 image,
 absurd beam size, bytes that are not protobuf), each of which must get its
@@ -20,9 +20,6 @@ import asyncio
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,12 +28,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.serving_core import start, stop  # noqa: E402
 from export.data import make_scenes  # noqa: E402  (numpy + Pillow only)
 from server.proto.inference import grpc_service_pb2 as kpb  # noqa: E402
 from server.proto.optic.v1 import vision_pb2 as vpb  # noqa: E402
@@ -106,31 +103,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start_server(log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--grpc-port", str(port),
-           "--metrics-port", "0"]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()}")
-        try:
-            with grpc.insecure_channel(url) as ch:
-                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return proc, url
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 async def drive(url: str, pid: int, args: argparse.Namespace) -> dict:
@@ -263,12 +235,11 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
-        proc, url = start_server(log)
+        proc, url = start(ROOT / "model_repo", log=log)
         try:
             report = asyncio.run(drive(url, proc.pid, args))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            exit_code = proc.wait(timeout=60)
+            exit_code = stop(proc)
         server_log = log.read_text(errors="replace")
     first, last, pct = growth(report["samples"], args.warmup)
     report["config"] = {k: v for k, v in vars(args).items() if k in ("minutes", "rate", "warmup", "bad_every")}
