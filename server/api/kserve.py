@@ -67,8 +67,9 @@ def decode_inputs(
                 raise InvalidArgument(f"input {tensor.name!r}: {tensor.datatype} can only be sent as raw contents")
             decoded[tensor.name] = from_contents(tensor.name, tensor.datatype, shape, getattr(tensor.contents, field))
         array = decoded[tensor.name]
-        if not allow_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        finite = np.isfinite(array) if array.dtype.kind == "f" and not allow_non_finite else None
+        if finite is not None and not finite.all():
+            bad = int(array.size - np.count_nonzero(finite))
             raise InvalidArgument(
                 f"input {tensor.name!r} holds {bad} NaN or infinite value(s); send finite numbers "
                 "(or start the server with --allow-non-finite)"
