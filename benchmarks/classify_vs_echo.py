@@ -32,8 +32,8 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.data import SHAPES, make_scenes  # noqa: E402
-from server.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
+from optic.export.data import SHAPES, make_scenes  # noqa: E402
+from optic.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
 
 METHOD = "/optic.v1.Vision/Classify"
 
@@ -166,7 +166,7 @@ def main() -> int:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "optic.server.cli",
             "serve",
             "--model-repo",
             str(args.model_repo),

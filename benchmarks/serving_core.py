@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.classify_vs_echo import free_port, load, run_load, wait_ready  # noqa: E402
-from server.proto.inference import grpc_service_pb2 as pb  # noqa: E402
-from server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
+from optic.proto.inference import grpc_service_pb2 as pb  # noqa: E402
+from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 SHAPES = {"classifier": (3, 64, 64), "detector": (3, 96, 96)}
@@ -61,7 +61,7 @@ def payloads(model: str, n: int = 64) -> list[bytes]:
 def start(repo: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
     """``optic serve`` on a free port, once its models are loaded; its output goes to ``log`` if given."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "optic.server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1"]
     cmd += ["--grpc-port", str(port), "--metrics-port", "0", "--log-level", "WARNING", *flags]
     if log is None:
         proc = subprocess.Popen(cmd, cwd=ROOT)

@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving_core import start, stop  # noqa: E402
-from export.data import make_scenes  # noqa: E402  (numpy + Pillow only)
-from server.proto.inference import grpc_service_pb2 as kpb  # noqa: E402
-from server.proto.optic.v1 import vision_pb2 as vpb  # noqa: E402
+from optic.export.data import make_scenes  # noqa: E402  (numpy + Pillow only)
+from optic.proto.inference import grpc_service_pb2 as kpb  # noqa: E402
+from optic.proto.optic.v1 import vision_pb2 as vpb  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VISION = "/optic.v1.Vision/"

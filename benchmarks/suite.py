@@ -39,12 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.classify_vs_echo import echo_server, free_port  # noqa: E402
 from benchmarks.serving_core import start, stop  # noqa: E402
-from server import bench  # noqa: E402
-from server.metadata import ModelMeta  # noqa: E402
-from server.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
-from server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
-from server.tasks import captioning, classification, detection, segmentation  # noqa: E402
-from server.tasks.image import ImageLimits, prepare  # noqa: E402
+from optic.client import bench, load  # noqa: E402
+from optic.server.metadata import ModelMeta  # noqa: E402
+from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
+from optic.server.tasks import boxes, caption, classify, segment  # noqa: E402
+from optic.server.tasks.image import ImageLimits, prepare  # noqa: E402
 
 REPO = ROOT / "model_repo"
 VISION_METHODS = ("Classify", "Detect", "Segment", "Caption")
@@ -56,9 +55,7 @@ MODELS = ("classifier", "detector", "segmenter", "captioner")
 
 
 def _images(n: int = 32) -> list[bytes]:
-    config = bench.BenchConfig()
-    _, payloads = bench.vision_payloads(config, n)
-    return [pb.ClassifyRequest.FromString(p).image.data for p in payloads]
+    return load.synthetic_images(n, bench.BenchConfig().image_size)
 
 
 def in_process(model: str, seconds: float) -> dict:
@@ -79,24 +76,24 @@ def in_process(model: str, seconds: float) -> dict:
         outputs = runtime.run({runtime.inputs[0].name: np.stack([p.tensor for p in prepared])})
         if model == "classifier":
             for row in outputs["logits"]:
-                classification.postprocess(row, meta, 5)
+                classify.top_k(row, meta, 5)
         elif model == "detector":
             for p, pred in zip(prepared, outputs["detections"], strict=True):
-                found = detection.detect(pred, "yolov5")
+                found = boxes.detect(pred, "yolov5")
                 p.transform.to_original(found.boxes)
         elif model == "segmenter":
             for p, logits in zip(prepared, outputs["logits"], strict=True):
-                mask = segmentation.class_map(logits, p.transform)
-                segmentation.png(mask)
-                segmentation.summarise(mask, logits.shape[0], False)
+                mask = segment.class_map(logits, p.transform)
+                segment.png(mask)
+                segment.summarise(mask, logits.shape[0], False)
         else:
-            spec_c = captioning.CaptionSpec.from_meta(meta, name)
+            spec_c = caption.CaptionSpec.from_meta(meta, name)
             f, h, c = outputs["features"], outputs["h"], outputs["c"]
             token = np.full(len(batch), spec_c.bos, dtype=np.int64)
             done = np.zeros(len(batch), dtype=bool)
             for _ in range(spec_c.max_length):
                 out = decoder.run({"token": token, "h": h, "c": c, "features": f})  # type: ignore[union-attr]
-                token = captioning.log_softmax(out["logits"]).argmax(1).astype(np.int64)
+                token = caption.log_softmax(out["logits"]).argmax(1).astype(np.int64)
                 h, c = out["h_out"], out["c_out"]
                 done |= token == spec_c.eos
                 if done.all():
@@ -144,7 +141,7 @@ def _brief(r: bench.BenchResult) -> dict:
 
 
 def reply_size(url: str, model: str) -> int:
-    method, payloads = bench.vision_payloads(bench.BenchConfig(url=url, model=model), 1)
+    method, payloads = load.vision_payloads(bench.BenchConfig(url=url, model=model), 1)
     with grpc.insecure_channel(url) as channel:
         return len(channel.unary_unary(method)(payloads[0], timeout=30))
 

@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.classify_vs_echo import free_port, wait_ready  # noqa: E402
-from export.data import make_scenes  # noqa: E402
-from server.metadata import InputSpec  # noqa: E402
-from server.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
-from server.proto.optic.v1 import vision_pb2_grpc as pb_grpc  # noqa: E402
-from server.tasks.detection import non_max_suppression  # noqa: E402
-from server.tasks.image import ImageLimits, normalize, prepare, resize  # noqa: E402
+from optic.export.data import make_scenes  # noqa: E402
+from optic.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
+from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc  # noqa: E402
+from optic.server.metadata import InputSpec  # noqa: E402
+from optic.server.tasks.boxes import non_max_suppression  # noqa: E402
+from optic.server.tasks.image import ImageLimits, normalize, prepare, resize_with_transform  # noqa: E402
 from tests.test_detection import ort_nms, ort_nms_session  # noqa: E402
 
 SPECS = {
@@ -76,7 +76,7 @@ def decode_figures() -> dict:
 
             def full(spec=spec, data=data):
                 img = Image.open(io.BytesIO(data)).convert("RGB")
-                return normalize(np.asarray(resize(img, spec)), spec)
+                return normalize(np.asarray(resize_with_transform(img, spec)[0]), spec)
 
             key = f"{w}x{h}->{model}"
             out[key] = {
@@ -114,7 +114,7 @@ def nms_figures() -> dict:
 
 def stage_figures(requests: int) -> dict:
     port, metrics = free_port(), free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--grpc-port", str(port)]
+    cmd = [sys.executable, "-m", "optic.server.cli", "serve", "--host", "127.0.0.1", "--grpc-port", str(port)]
     cmd += ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1", "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"127.0.0.1:{port}"
@@ -154,7 +154,7 @@ def stage_figures(requests: int) -> dict:
 
 
 def _statistics(url: str, model: str) -> dict:
-    from server.proto.inference import grpc_service_pb2 as kpb
+    from optic.proto.inference import grpc_service_pb2 as kpb
 
     with grpc.insecure_channel(url) as ch:
         call = ch.unary_unary("/inference.GRPCInferenceService/ModelStatistics")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,13 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.data import COLORS, SHAPES, make_scenes
-from export.models import CaptionDecoderStep, CaptionEncoder
-from export.onnx_export import session, set_metadata, to_onnx
-from export.recipe import ModelReport, eval_props, finish
-from export.train import seed_everything
-from server.metadata import InputSpec, ModelMeta
-from server.tasks.image import normalize
+from optic.export.data import COLORS, SHAPES, make_scenes
+from optic.export.models import CaptionDecoderStep, CaptionEncoder
+from optic.export.onnx_export import to_onnx
+from optic.export.onnx_io import session, set_metadata
+from optic.export.recipe import ModelReport, eval_props, finish
+from optic.export.train import seed_everything
+from optic.server.metadata import InputSpec, ModelMeta
+from optic.server.tasks.image import normalize
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 VOCAB: tuple[str, ...] = (
@@ -43,7 +45,7 @@ VOCAB: tuple[str, ...] = (
 )
 MAX_LENGTH = 16  # tokens generated at most, <eos> included
 INPUT_SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-SCENE_ARGS = {"size": 64, "max_distractors": 1, "distractor_scale": (0.4, 0.75)}
+SCENE_ARGS: dict[str, Any] = {"size": 64, "max_distractors": 1, "distractor_scale": (0.4, 0.75)}
 TEST_SEED = 4_000_003
 ENCODER, DECODER = "captioner_encoder", "captioner_decoder"
 
@@ -139,7 +141,7 @@ def build(out: Path, recipe: CaptionerRecipe | None = None, progress: bool = Tru
     enc_sess, dec_sess = session(enc_proto), session(dec_proto)
     hypotheses = greedy_decode(enc_sess, dec_sess, x_test)
     value = bleu4(hypotheses, references)
-    diff = _parity(encoder, decoder, enc_sess, dec_sess, x_test[:7], recipe.seed)
+    diff = pair_parity(encoder, decoder, enc_sess, dec_sess, x_test[:7], recipe.seed)
     split = f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}"
     describe_pair(
         (enc_proto, dec_proto),
@@ -190,7 +192,7 @@ def describe_pair(
 
 
 @torch.no_grad()
-def _parity(
+def pair_parity(
     encoder: nn.Module,
     decoder: nn.Module,
     enc: ort.InferenceSession,

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.data import SHAPES, classification_arrays, make_scenes
-from export.models import ShapeClassifier
-from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
-from export.recipe import ModelReport, eval_props, finish
-from export.train import TrainConfig, predict, seed_everything, train_classifier
-from server.metadata import InputSpec, ModelMeta
-from server.tasks.image import normalize
+from optic.export.data import SHAPES, classification_arrays, make_scenes
+from optic.export.models import ShapeClassifier
+from optic.export.onnx_export import parity, to_onnx
+from optic.export.onnx_io import ort_predict, session, set_metadata
+from optic.export.recipe import ModelReport, eval_props, finish
+from optic.export.train import TrainConfig, predict, seed_everything, train_classifier
+from optic.server.metadata import InputSpec, ModelMeta
+from optic.server.tasks.image import normalize
 
 INPUT_SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 TEST_SEED = 1_000_003  # held-out scenes come from a seed training never uses

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 MODELS = ("classifier", "detector", "segmenter", "captioner")
 
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "import", help="wrap an existing ONNX model (e.g. Ultralytics, torchvision) as a repository entry"
     )
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    p.add_argument("--task", required=True, help="classification, detection or segmentation")
+    p.add_argument("--task", required=True, help="classify, detect or segment (or classification, detection, ...)")
     p.add_argument("--labels", type=Path, help="labels file; default: the model's own metadata (Ultralytics 'names')")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="model name in the repository (default: the file's stem)")
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _spec_flags(p: argparse.ArgumentParser, default: str) -> None:
     """How images become the model's input, recorded in its metadata for the server."""
-    from server.metadata import RESIZE_MODES
+    from optic.server.metadata import RESIZE_MODES
 
     g = p.add_argument_group(f"input spec (default: {default})")
     g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
@@ -59,7 +61,7 @@ def _spec_flags(p: argparse.ArgumentParser, default: str) -> None:
     g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
 
 
-def _spec_overrides(args: argparse.Namespace) -> dict[str, object]:
+def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "size": tuple(args.input_size) if args.input_size else None,
         "resize": args.resize,
@@ -76,26 +78,30 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from export import convert
-    except ImportError as exc:  # torch and tqdm come with the extra, not with the server
+        from optic.export import importer
+    except ImportError as exc:  # onnx comes with the extra, not with the server
         return _fail(f"needs the export extra (pip install -e '.[export]'): {exc}")
     try:
-        if args.export_command == "convert":
-            labels = convert.read_labels(args.labels) if args.labels else ()
-            paths = convert.convert(args.checkpoint, args.arch, args.out, args.name, labels, **_spec_overrides(args))
-            for path in paths:
-                print(f"wrote {path}")
-            return 0
-        if args.export_command == "import":
-            labels = convert.read_labels(args.labels) if args.labels else ()
+        if args.export_command == "import":  # no torch needed
+            labels = importer.read_labels(args.labels) if args.labels else ()
             overrides = _spec_overrides(args)
             size = overrides.pop("size")
-            path = convert.import_onnx(
+            path = importer.import_onnx(
                 args.model, args.task, args.out, args.name, labels, size, args.max_batch_size, **overrides
             )
             print(f"wrote {path} and {path.parent.parent / 'config.pbtxt'}")
             return 0
-    except convert.ExportError as exc:
+        try:
+            from optic.export import convert
+        except ImportError as exc:  # torch and tqdm come with the extra, not with the server
+            return _fail(f"needs the export extra (pip install -e '.[export]'): {exc}")
+        if args.export_command == "convert":
+            labels = importer.read_labels(args.labels) if args.labels else ()
+            paths = convert.convert(args.checkpoint, args.arch, args.out, args.name, labels, **_spec_overrides(args))
+            for path in paths:
+                print(f"wrote {path}")
+            return 0
+    except importer.ExportError as exc:
         return _fail(str(exc))
     return build(args)
 
@@ -103,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
 def build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from export import captioner, classifier, detector, segmenter
-    from export.recipe import table
+    from optic.export import captioner, classifier, detector, segmenter
+    from optic.export.recipe import table
 
-    recipes = {
+    recipes: dict[str, tuple[Callable[..., Any], Any]] = {
         "classifier": (classifier.build, classifier.ClassifierRecipe),
         "detector": (detector.build, detector.DetectorRecipe),
         "segmenter": (segmenter.build, segmenter.SegmenterRecipe),

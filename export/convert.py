@@ -1,27 +1,23 @@
-"""Users bring their own: checkpoints of our architectures, and ONNX files from elsewhere.
+"""Checkpoints users bring: a ``state_dict`` of one of our architectures becomes a repository entry.
 
-``convert``: a ``state_dict`` of one of our architectures (architecture
-hyper-parameters are read back from tensor shapes) becomes a repository entry
-after the same parity check as a trained model. ``import_onnx``: an existing
-ONNX file (Ultralytics, torchvision exports, ...) is validated, described with
-the metadata we can infer, and written with a Triton ``config.pbtxt``.
+Architecture hyper-parameters are read back from tensor shapes, and the
+entry is written after the same parity check as a trained model. ONNX files
+from elsewhere go through :mod:`optic.export.importer`, which needs no torch.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
-from export import captioner, classifier, detector, segmenter
-from export.data import SHAPES
-from export.models import (
+from optic.export import captioner, classifier, detector, segmenter
+from optic.export.data import SHAPES
+from optic.export.importer import ExportError, check_name, override_spec
+from optic.export.models import (
     CaptionDecoderStep,
     CaptionEncoder,
     DecodedDetector,
@@ -29,16 +25,11 @@ from export.models import (
     ShapeDetector,
     ShapeSegmenter,
 )
-from export.onnx_export import parity, session, set_metadata, to_onnx, write_atomically
-from server.metadata import INPUT_STD, MODEL_NAME, InputSpec, MetadataError, ModelMeta
-from server.tensors import ORT_DATATYPES, TRITON_TYPES
+from optic.export.onnx_export import parity, to_onnx
+from optic.export.onnx_io import session, set_metadata, write_atomically
+from optic.server.metadata import InputSpec, MetadataError, ModelMeta
 
 ARCHS = ("classifier", "detector", "segmenter", "captioner")
-IMAGENET = InputSpec(size=(224, 224), resize="center_crop", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-class ExportError(Exception):
-    """A user-facing problem with their file or flags; the CLI prints it as one line."""
 
 
 def save_checkpoint(
@@ -58,42 +49,6 @@ def save_checkpoint(
     if input_spec is not None:
         ckpt["input"] = ModelMeta(input=input_spec).to_props()
     torch.save(ckpt, path)
-
-
-def override_spec(
-    base: InputSpec,
-    size: tuple[int, int] | None = None,
-    resize: str | None = None,
-    scale: float | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-) -> InputSpec:
-    """``base`` with whatever the user passed on the command line."""
-    if size is not None and not all(0 < v <= 16384 for v in size):
-        raise ExportError(f"input size {list(size)} must be two positive integers")
-    if std is not None and any(v == 0 for v in std):
-        raise ExportError(f"{INPUT_STD} {list(std)} must not contain 0")
-    changes = {"size": size, "resize": resize, "scale": scale, "mean": mean, "std": std}
-    return replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None})
-
-
-def read_labels(path: Path) -> tuple[str, ...]:
-    """A JSON list, or one label per line."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ExportError(f"cannot read labels file {path}: {exc.strerror}") from None
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            labels = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise ExportError(f"labels file {path} is not a valid JSON list: {exc}") from None
-    else:
-        labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if not labels or not all(isinstance(x, str) for x in labels):
-        raise ExportError(f"labels file {path} holds no labels (a JSON list of strings, or one per line)")
-    return tuple(labels)
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, ...], InputSpec | None]:
@@ -140,13 +95,6 @@ def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], arch: str) 
 def _check_labels(labels: tuple[str, ...], count: int, what: str) -> None:
     if len(labels) != count:
         raise ExportError(f"{len(labels)} labels given, but the checkpoint's {what} has {count} classes")
-
-
-def check_name(name: str) -> str:
-    """Repository entry names follow the server's rule; nothing else reaches a path."""
-    if not MODEL_NAME.match(name):
-        raise ExportError(f"model name {name!r} must be letters, digits, '_', '.' or '-' (at most 128), not a path")
-    return name
 
 
 def _fit(spec: InputSpec, arch: str) -> InputSpec:
@@ -268,7 +216,7 @@ def _convert_captioner(
     decoder.eval()
     sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     enc_proto, dec_proto = captioner.export_pair(encoder, decoder, sample)
-    diff = captioner._parity(encoder, decoder, session(enc_proto), session(dec_proto), sample.numpy(), 0)
+    diff = captioner.pair_parity(encoder, decoder, session(enc_proto), session(dec_proto), sample.numpy(), 0)
     if diff > 1e-4:
         raise ExportError(f"onnxruntime differs from torch by {diff:.2e} (tolerance 1e-4)")
     extra = {"optic.export.parity_max_abs_diff": f"{diff:.3e}"}
@@ -279,110 +227,3 @@ def _convert_captioner(
         write_atomically(proto, path)
         paths.append(path)
     return paths
-
-
-# ---------------------------------------------------------------- import
-
-
-def config_pbtxt(name: str, proto: onnx.ModelProto, max_batch_size: int) -> str:
-    """A Triton-style model configuration for an imported model (field names as Triton's)."""
-    sess = session(proto)
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}"]
-    for kind, args in (("input", sess.get_inputs()), ("output", sess.get_outputs())):
-        for arg in args:
-            dims = [d if isinstance(d, int) else -1 for d in arg.shape]
-            if max_batch_size > 0:
-                dims = dims[1:]
-            lines.append(
-                f'{kind} [\n  {{\n    name: "{arg.name}"\n    data_type: {TRITON_TYPES[ORT_DATATYPES[arg.type]]}'
-                f"\n    dims: [ {', '.join(map(str, dims))} ]\n  }}\n]"
-            )
-    if max_batch_size > 0:
-        lines.append("dynamic_batching { }")
-    return "\n".join(lines) + "\n"
-
-
-def import_onnx(
-    source: Path,
-    task: str,
-    out: Path,
-    name: str | None = None,
-    labels: tuple[str, ...] = (),
-    input_size: tuple[int, int] | None = None,
-    max_batch_size: int = 32,
-    **spec_overrides: object,
-) -> Path:
-    """Validate a foreign ONNX model, describe it with metadata, write it and its ``config.pbtxt``.
-
-    Pre-processing defaults by task: torchvision's (ImageNet mean/std; centre
-    crop for classification, stretch for segmentation), Ultralytics' for
-    detection (letterbox, [0, 1]); the model's own ``optic.input.*`` metadata
-    wins over those, and ``spec_overrides`` (resize, scale, mean, std) win over all.
-    """
-    if task not in ("classification", "detection", "segmentation"):
-        raise ExportError(f"unknown task {task!r}; expected classification, detection or segmentation")
-    target = check_name(name or source.stem)
-    if max_batch_size < 0:
-        raise ExportError(f"--max-batch-size must be 0 (no batching) or more, not {max_batch_size}")
-    if not source.is_file():
-        raise ExportError(f"ONNX file {source} does not exist")
-    try:
-        proto = onnx.load(str(source))
-        onnx.checker.check_model(proto)
-        sess = session(proto)
-    except Exception as exc:  # onnx/onnxruntime raise many types for a bad file
-        raise ExportError(f"{source} is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        existing = ModelMeta.from_props(props)
-    except MetadataError as exc:
-        raise ExportError(f"{source}: {exc}") from None
-    images = [i for i in sess.get_inputs() if len(i.shape) == 4]
-    if len(sess.get_inputs()) != 1 or not images:
-        raise ExportError(
-            f"{source}: expected one image input of rank 4, found {[(i.name, i.shape) for i in sess.get_inputs()]}"
-        )
-    inp = images[0]
-    nhwc = inp.shape[3] == 3 and inp.shape[1] != 3
-    static = [d for d in (inp.shape[1:3] if nhwc else inp.shape[2:4]) if isinstance(d, int)]
-    size = input_size or (tuple(static) if len(static) == 2 else existing.input.size if existing.input else None)
-    if size is None:
-        raise ExportError(f"{source}: the input size is dynamic and not in the metadata; pass --input-size H W")
-    labels = labels or existing.labels
-    if not labels:
-        raise ExportError(f"{source}: no labels in the model's metadata; pass --labels FILE")
-    out_shape = sess.get_outputs()[0].shape
-    layout = None
-    if task == "classification":
-        classes = out_shape[-1]
-        spec = InputSpec(size=size, resize="center_crop", mean=IMAGENET.mean, std=IMAGENET.std)
-    elif task == "segmentation":
-        classes = out_shape[1] if len(out_shape) == 4 else None
-        spec = InputSpec(size=size, resize="stretch", mean=IMAGENET.mean, std=IMAGENET.std)
-    else:
-        spec = InputSpec(size=size, resize="letterbox")
-        if len(out_shape) != 3:
-            raise ExportError(f"{source}: a detector's first output must be rank 3, got {out_shape}")
-        if existing.output_layout == "yolov8" or out_shape[1] == 4 + len(labels):
-            layout, classes = "yolov8", out_shape[1] - 4 if isinstance(out_shape[1], int) else None
-        else:
-            layout, classes = "yolov5", out_shape[2] - 5 if isinstance(out_shape[2], int) else None
-    if isinstance(classes, int) and classes != len(labels):
-        raise ExportError(f"{len(labels)} labels given, but the model's output has {classes} classes")
-    if existing.input is not None and existing.input.size == spec.size:
-        spec = existing.input
-    spec = override_spec(replace(spec, layout="NHWC" if nhwc else "NCHW"), **spec_overrides)  # type: ignore[arg-type]
-    meta = ModelMeta(
-        task=task,
-        labels=labels,
-        input=spec,
-        output_kind=existing.output_kind,
-        output_layout=layout,
-        extra={**existing.extra, "optic.export.source": source.name},
-    )
-    set_metadata(proto, meta.to_props(), doc=proto.doc_string)
-    batchable = all(not isinstance(a.shape[0], int) for a in (*sess.get_inputs(), *sess.get_outputs()))
-    path = out / target / "1" / "model.onnx"
-    write_atomically(proto, path)
-    (out / target / "config.pbtxt").write_text(config_pbtxt(target, proto, max_batch_size if batchable else 0))
-    return path

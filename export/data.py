@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -96,7 +97,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[n
         low = rng.uniform(0, 1, size=(4, 4)).astype(np.float32)
         t = (
             np.asarray(
-                Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
                 dtype=np.float32,
             )
             / 255.0
@@ -184,16 +185,16 @@ def render_scene(
     draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
     for obj in objects:
         rgb = np.clip(np.array(COLORS[obj.color]) + rng.integers(-18, 19, size=3), 0, 255)
-        pts = _vertices(obj.shape, *obj.center, obj.radius, obj.angle)
-        draw.polygon(pts, fill=tuple(int(v) for v in rgb))
-        mdraw.polygon(pts, fill=obj.class_id + 1)
+        vertices = _vertices(obj.shape, *obj.center, obj.radius, obj.angle)
+        draw.polygon(vertices, fill=tuple(int(v) for v in rgb))
+        mdraw.polygon(vertices, fill=obj.class_id + 1)
     arr = np.asarray(img, dtype=np.float32)
     sigma = rng.uniform(0, noise)
     arr = np.clip(arr + rng.normal(0, sigma, arr.shape), 0, 255).astype(np.uint8)
     return Scene(arr, np.asarray(mask, dtype=np.uint8), tuple(objects), caption_for(objects))
 
 
-def make_scenes(count: int, seed: int, *, start: int = 0, size: int = 64, **kwargs: object) -> list[Scene]:
+def make_scenes(count: int, seed: int, *, start: int = 0, size: int = 64, **kwargs: Any) -> list[Scene]:
     """Scenes ``start .. start+count-1`` of ``seed``; each is independent of the others."""
     return [render_scene(np.random.default_rng([seed, i]), size=size, **kwargs) for i in range(start, start + count)]
 

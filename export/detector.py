@@ -7,24 +7,26 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.data import SHAPES, Scene, make_scenes
-from export.models import DecodedDetector, ShapeDetector
-from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
-from export.recipe import ModelReport, eval_props, finish
-from export.train import seed_everything
-from server.metadata import InputSpec, ModelMeta
-from server.tasks.detection import detect
-from server.tasks.image import normalize
+from optic.export.data import SHAPES, Scene, make_scenes
+from optic.export.models import DecodedDetector, ShapeDetector
+from optic.export.onnx_export import parity, to_onnx
+from optic.export.onnx_io import ort_predict, session, set_metadata
+from optic.export.recipe import ModelReport, eval_props, finish
+from optic.export.train import seed_everything
+from optic.server.metadata import InputSpec, ModelMeta
+from optic.server.tasks.boxes import detect
+from optic.server.tasks.image import normalize
 
 SIZE = 96
 INPUT_SPEC = InputSpec(size=(SIZE, SIZE), resize="letterbox", scale=1.0 / 255.0)
-SCENE_ARGS = {"size": SIZE, "max_distractors": 3, "distractor_scale": (0.35, 0.8)}
+SCENE_ARGS: dict[str, Any] = {"size": SIZE, "max_distractors": 3, "distractor_scale": (0.35, 0.8)}
 TEST_SEED = 2_000_003
 STRIDE = 8
 NUM_ANCHORS = 3
@@ -99,7 +101,7 @@ def detection_loss(
     model: ShapeDetector, raw: torch.Tensor, pos: torch.Tensor, gt: torch.Tensor, cls: torch.Tensor
 ) -> torch.Tensor:
     n, _, s, _ = raw.shape
-    b, c = model.anchors.shape[0], model.num_classes
+    b, c = int(model.anchors.shape[0]), model.num_classes
     logits = raw.view(n, b, 5 + c, s, s).permute(0, 3, 4, 1, 2)  # N, S, S, B, 5+C (decode's order)
     decoded = model.decode(raw).view(n, s, s, b, 5 + c)
     obj_target = pos.float()
@@ -120,7 +122,9 @@ def coco_map50(preds: np.ndarray, truth: list[np.ndarray], layout: str = "yolov5
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    images, annotations, results = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    results: list[dict] = []
     for i, (pred, boxes) in enumerate(zip(preds, truth, strict=True)):
         images.append({"id": i, "width": SIZE, "height": SIZE})
         for x1, y1, x2, y2, c in boxes:

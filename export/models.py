@@ -85,6 +85,7 @@ class ShapeDetector(nn.Module):
         w = width
         self.num_classes = num_classes
         self.stride = stride
+        self.anchors: torch.Tensor
         self.register_buffer("anchors", anchors.float().reshape(-1, 2))  # (B, 2) w, h in input pixels
         self.backbone = nn.Sequential(
             ConvBlock(3, w),
@@ -106,7 +107,7 @@ class ShapeDetector(nn.Module):
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Grid -> YOLOv5 layout ``[N, S*S*B, 5+C]``: cx, cy, w, h (input pixels), objectness, class scores."""
         n, _, s_y, s_x = raw.shape
-        b = self.anchors.shape[0]
+        b = int(self.anchors.shape[0])
         p = raw.view(n, b, 5 + self.num_classes, s_y, s_x).permute(0, 3, 4, 1, 2).sigmoid()  # N, Sy, Sx, B, 5+C
         gy = torch.arange(s_y, dtype=raw.dtype).view(1, s_y, 1, 1)
         gx = torch.arange(s_x, dtype=raw.dtype).view(1, 1, s_x, 1)

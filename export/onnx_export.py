@@ -1,16 +1,13 @@
 """Torch -> ONNX with a dynamic batch axis, self-describing metadata and a parity check.
 
 A model is written only after ``onnx.checker`` passes, onnxruntime reproduces
-torch's outputs, and the caller's quality gate holds; the file is replaced
-atomically so a serving process polling the repository never sees half a file.
+torch's outputs, and the caller's quality gate holds (see ``recipe.finish``).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from optic.export.onnx_io import ort_predict
 
 OPSET = 17
 
@@ -64,24 +63,10 @@ def to_onnx(
     return proto
 
 
-def set_metadata(proto: onnx.ModelProto, props: Mapping[str, str], doc: str = "") -> None:
-    del proto.metadata_props[:]
-    for key in sorted(props):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, props[key]
-    proto.producer_name = "optic-export"
-    proto.doc_string = doc
 
 
-def session(proto: onnx.ModelProto) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_predict(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -95,15 +80,3 @@ def parity(model: nn.Module, sess: ort.InferenceSession, inputs: list[np.ndarray
         worst = max(worst, float(np.max(np.abs(expected - got))))
     return Parity(worst, tolerance)
 
-
-def write_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model-", suffix=".onnx.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString(deterministic=True))
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; servers often run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import onnx
 
-from export.onnx_export import OPSET, write_atomically
+from optic.export.onnx_export import OPSET
+from optic.export.onnx_io import write_atomically
 
 REPORT_COLUMNS = (
     "model",
@@ -85,8 +86,11 @@ def eval_props(metric: str, value: float, split: str, max_abs_diff: float) -> di
 
 
 class Gated(Protocol):
-    gate: float  # the metric below which the model is not written
-    tolerance: float  # the largest torch-vs-onnxruntime difference allowed
+    @property
+    def gate(self) -> float: ...  # the metric below which the model is not written
+
+    @property
+    def tolerance(self) -> float: ...  # the largest torch-vs-onnxruntime difference allowed
 
 
 def finish(

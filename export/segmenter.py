@@ -11,13 +11,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from export.data import SHAPES, make_scenes
-from export.models import ShapeSegmenter
-from export.onnx_export import ort_predict, parity, session, set_metadata, to_onnx
-from export.recipe import ModelReport, eval_props, finish
-from export.train import seed_everything
-from server.metadata import InputSpec, ModelMeta
-from server.tasks.image import normalize
+from optic.export.data import SHAPES, make_scenes
+from optic.export.models import ShapeSegmenter
+from optic.export.onnx_export import parity, to_onnx
+from optic.export.onnx_io import ort_predict, session, set_metadata
+from optic.export.recipe import ModelReport, eval_props, finish
+from optic.export.train import seed_everything
+from optic.server.metadata import InputSpec, ModelMeta
+from optic.server.tasks.image import normalize
 
 LABELS = ("background", *SHAPES)
 INPUT_SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -15,20 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from server.api.kserve import KServeServicer
-from server.api.vision import VisionServicer
-from server.metrics import serve_metrics
-from server.probes import LIVENESS_SERVICE, READINESS_SERVICE
-from server.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server.proto.optic.v1 import vision_pb2, vision_pb2_grpc
-from server.repository import ModelRepository
-from server.runtime import RuntimeOptions, default_threads
-from server.scheduler import BatchingConfig
-from server.security import Admission, SecurityConfig, TokenAuth, load_tokens, server_credentials
-from server.tasks.image import ImageLimits
+from optic.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from optic.proto.optic.v1 import vision_pb2
+from optic.proto.pool import POOL
+from optic.server import defaults
+from optic.server.admission import Admission
+from optic.server.api.kserve import KServeServicer
+from optic.server.api.vision import VisionServicer
+from optic.server.metrics import serve_metrics
+from optic.server.probes import LIVENESS_SERVICE, READINESS_SERVICE
+from optic.server.repository import ModelRepository
+from optic.server.runtime import RuntimeOptions, default_threads
+from optic.server.scheduler import BatchingConfig
+from optic.server.security import SecurityConfig, TokenAuth, load_tokens, server_credentials
+from optic.server.tasks.image import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,8 @@ VISION_SERVICE = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
 class ServerConfig:
     model_repo: Path = Path("model_repo")
     host: str = "0.0.0.0"
-    grpc_port: int = 8001
-    metrics_port: int = 8002  # 0: no metrics endpoint
+    grpc_port: int = defaults.GRPC_PORT
+    metrics_port: int = defaults.METRICS_PORT  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -54,9 +58,20 @@ class ServerConfig:
     poll_seconds: float = 5.0
     queue_timeout: float | None = None  # default queue policy timeout (s) where config.pbtxt sets none
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    max_inflight: int = 1024  # calls in flight before new ones get RESOURCE_EXHAUSTED (health exempt)
+    max_inflight: int = defaults.MAX_INFLIGHT  # calls in flight before new ones get RESOURCE_EXHAUSTED (health exempt)
     allow_non_finite: bool = False  # KServe: accept NaN/Inf in float input tensors
     health_port: int = 0  # plaintext, health-only port for probes when the main port needs TLS or a token
+
+
+def _pool() -> descriptor_pool.DescriptorPool:
+    """Our protos' pool (see ``optic.proto.pool``) with health and reflection added, for the reflection service."""
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        POOL.AddSerializedFile(file.serialized_pb)  # idempotent for an identical file
+    return POOL
+
+
+class StartupError(Exception):
+    """The server cannot start (a port in use, an address it cannot bind): one line for the operator."""
 
 
 class OpticServer:
@@ -97,13 +112,24 @@ class OpticServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.repo, lambda: self.draining, config.allow_non_finite), self.grpc
         )
-        vision_pb2_grpc.add_VisionServicer_to_server(
-            VisionServicer(self.repo, self._pool, config.image_limits), self.grpc
-        )
+        self.grpc.add_generic_rpc_handlers((VisionServicer(self.repo, self._pool, config.image_limits).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (KSERVE_SERVICE, VISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+            (KSERVE_SERVICE, VISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc, pool=_pool()
         )
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio raises this when the port is taken
+            port = 0
+        if port == 0:
+            raise StartupError(f"cannot listen on {address}: the address is in use or cannot be bound")
+        return port
 
     async def _set_health(self, status: int) -> None:
         for service in (READINESS_SERVICE, KSERVE_SERVICE, VISION_SERVICE):
@@ -112,21 +138,20 @@ class OpticServer:
     async def start(self) -> None:
         """Listen first (health says NOT_SERVING), then load models, then say SERVING."""
         address = f"{self.config.host}:{self.config.grpc_port}"
-        if self.credentials is None:
-            self.port = self.grpc.add_insecure_port(address)
-        else:
-            self.port = self.grpc.add_secure_port(address, self.credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+        self.port = self._bind(self.grpc, address, self.credentials)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if self.health_grpc is not None:
+            self._bind(self.health_grpc, f"{self.config.host}:{self.config.health_port}", None)
+        if self.config.metrics_port:
+            try:
+                serve_metrics(self.config.metrics_port, self.config.metrics_host)
+            except OSError as exc:
+                where = f"{self.config.metrics_host}:{self.config.metrics_port}"
+                raise StartupError(f"cannot listen on {where} (metrics): {exc.strerror or exc}") from None
         await self.grpc.start()
         if self.health_grpc is not None:
-            if self.health_grpc.add_insecure_port(f"{self.config.host}:{self.config.health_port}") == 0:
-                raise OSError(f"cannot listen on {self.config.host}:{self.config.health_port}")
             await self.health_grpc.start()
-        if self.config.metrics_port:
-            serve_metrics(self.config.metrics_port, self.config.metrics_host)
         sec = self.config.security
         log.info(
             "gRPC on %s:%d (%s%s), metrics on :%d; loading %s",

@@ -8,32 +8,35 @@ import os
 import sys
 from pathlib import Path
 
-from server.runtime import DEVICES, RuntimeOptions, providers_for
-from server.scheduler import BatchingConfig
-from server.security import (
+from optic.server import defaults
+from optic.server.logs import EscapingFormatter
+from optic.server.runtime import DEVICES, RuntimeOptions, providers_for
+from optic.server.scheduler import BatchingConfig
+from optic.server.security import (
     OPEN_GROUPS,
-    EscapingFormatter,
     SecurityConfig,
     SecurityError,
     load_tokens,
     server_credentials,
 )
-from server.tasks.image import ImageLimits
-
-DEFAULT_GRPC_PORT = 8001
-DEFAULT_METRICS_PORT = 8002
+from optic.server.tasks.image import ImageLimits
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repo", type=Path, default=Path("model_repo"), help="model repository directory")
     p.add_argument("--host", default="0.0.0.0", help="address the gRPC port binds to")
-    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus /metrics (0: off)")
+    p.add_argument("--grpc-port", type=int, default=defaults.GRPC_PORT, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=defaults.METRICS_PORT, help="Prometheus /metrics (0: off)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics port binds to")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="execution provider (auto: CUDA if present)")
     p.add_argument("--max-batch-size", type=int, default=32, help="largest dynamic batch (0: no batching)")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
-    p.add_argument("--max-queue-size", type=int, default=1024, help="queued requests per model before refusing")
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=BatchingConfig.max_queue_size,
+        help="queued requests per model before refusing",
+    )
     p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
     p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per run (0: cores / instances)")
     p.add_argument(
@@ -67,17 +70,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="queued requests older than this get DEADLINE_EXCEEDED (0: only the client's deadline)",
     )
-    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels)
+    p.add_argument(
+        "--max-image-pixels", type=int, default=ImageLimits.max_pixels, help="largest image accepted (width x height)"
+    )
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message accepted")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
     p.add_argument(
         "--max-inflight",
         type=int,
-        default=1024,
+        default=defaults.MAX_INFLIGHT,
         help="calls in flight before new ones get RESOURCE_EXHAUSTED (health and reflection exempt)",
     )
     p.add_argument(
-        "--allow-non-finite", action="store_true", help="KServe: accept NaN/Inf in float inputs (default: refused)"
+        "--allow-non-finite", action="store_true", help="KServe: accept NaN/Inf in float inputs (otherwise refused)"
     )
     sec = p.add_argument_group("security")
     sec.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve gRPC over TLS")
@@ -95,31 +100,53 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--auth-open",
         default="health",
         metavar="LIST",
-        help="services reachable without a token: comma list of health, reflection, or 'none' (default: health)",
+        help="services reachable without a token: comma list of health, reflection, or 'none'",
     )
     sec.add_argument(
         "--health-port", type=int, default=0, help="also serve gRPC health alone, plaintext, on this port (0: off)"
     )
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help=f"one of {', '.join(LOG_LEVELS)}")
+
+
+# Each numeric serve flag's valid range (inclusive); a value outside it stops `optic serve` with one line.
+RANGES: dict[str, tuple[float, float]] = {
+    "grpc_port": (0, 65535),
+    "metrics_port": (0, 65535),
+    "health_port": (0, 65535),
+    "max_batch_size": (0, 4096),
+    "max_queue_delay_ms": (0, 10_000),
+    "max_queue_size": (1, 1_000_000),
+    "instances": (1, 64),
+    "intra_op_threads": (0, 1024),
+    "inter_op_threads": (0, 1024),
+    "repository_poll_secs": (0.05, 86_400),
+    "queue_timeout_ms": (0, 86_400_000),
+    "max_image_pixels": (64, 1_000_000_000),
+    "max_message_mb": (0.01, 2047),
+    "grace_seconds": (0, 3600),
+    "max_inflight": (1, 1_000_000),
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def check_serve_args(args: argparse.Namespace) -> str | None:
+    """The first flag out of its range, as one line naming the range; None when all are fine."""
+    for name, (low, high) in RANGES.items():
+        value = getattr(args, name)
+        if not low <= value <= high:  # also false for NaN
+            return f"--{name.replace('_', '-')} {value:g} is out of range: choose {low:g} to {high:g}"
+    if args.log_level.upper() not in LOG_LEVELS:
+        return f"--log-level {args.log_level!r} is not a level: choose one of {', '.join(LOG_LEVELS)}"
+    return None
 
 
 def serve(args: argparse.Namespace) -> int:
-    from server.app import ServerConfig, run
+    from optic.server.app import ServerConfig, StartupError, run
 
-    for flag in (
-        "max_batch_size",
-        "max_queue_size",
-        "instances",
-        "intra_op_threads",
-        "inter_op_threads",
-        "max_image_pixels",
-        "max_inflight",
-        "health_port",
-    ):
-        at_least_one = ("instances", "max_queue_size", "max_image_pixels", "max_inflight")
-        if getattr(args, flag) < (1 if flag in at_least_one else 0):
-            print(f"optic serve: --{flag.replace('_', '-')} is out of range", file=sys.stderr)
-            return 2
+    problem = check_serve_args(args)
+    if problem:
+        print(f"optic serve: {problem}", file=sys.stderr)
+        return 2
     security = _security(args)
     if isinstance(security, str):
         print(f"optic serve: {security}", file=sys.stderr)
@@ -141,7 +168,7 @@ def serve(args: argparse.Namespace) -> int:
             device=args.device,
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
-            cuda_options=cuda_options,  # type: ignore[arg-type]
+            cuda_options=cuda_options,
             io_binding=io_binding,
         ),
         batching=BatchingConfig(
@@ -162,9 +189,6 @@ def serve(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         allow_non_finite=args.allow_non_finite,
     )
-    if args.repository_poll_secs <= 0 or args.queue_timeout_ms < 0:
-        print("optic serve: --repository-poll-secs must be > 0 and --queue-timeout-ms >= 0", file=sys.stderr)
-        return 2
     try:
         providers_for(args.device)  # --device cuda without CUDA: say so now, not once per model
     except RuntimeError as exc:
@@ -173,7 +197,11 @@ def serve(args: argparse.Namespace) -> int:
     if not args.model_repo.is_dir():
         print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)
         return 2
-    run(config)
+    try:
+        run(config)
+    except StartupError as exc:  # a port in use, an address that cannot be bound
+        print(f"optic serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -194,19 +222,19 @@ def _security(args: argparse.Namespace) -> SecurityConfig | str:
 
 
 def infer(args: argparse.Namespace) -> int:
-    from server import infer_cli
+    from optic.client import infer as infer_cli
 
     return infer_cli.run(args)
 
 
 def bench(args: argparse.Namespace) -> int:
-    from server import bench as bench_module
+    from optic.client import bench as bench_module
 
     return bench_module.main(args)
 
 
 def export(args: argparse.Namespace) -> int:
-    from export import cli
+    from optic.export import cli
 
     return cli.run(args)
 
@@ -214,26 +242,28 @@ def export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optic", description="Serve computer-vision models over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve a model repository")
+    p = sub.add_parser(
+        "serve", help="serve a model repository", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     _serve_args(p)
     p.set_defaults(func=serve)
 
     p = sub.add_parser("export", help="train/export models into a repository (needs the export extra)")
-    from export.cli import add_arguments  # argparse only; torch is imported when the command runs
+    from optic.export.cli import add_arguments  # argparse only; torch is imported when the command runs
 
     add_arguments(p)
     p.set_defaults(func=export)
 
     p = sub.add_parser("infer", help="send images to a running server")
-    from server.infer_cli import add_arguments as infer_arguments
+    from optic.client.infer import add_arguments as infer_arguments
 
-    infer_arguments(p, f"localhost:{DEFAULT_GRPC_PORT}")
+    infer_arguments(p, f"localhost:{defaults.GRPC_PORT}")
     p.set_defaults(func=infer)
 
     p = sub.add_parser("bench", help="load-test a running server (Optic or any KServe v2 server)")
-    from server.bench import add_arguments as bench_arguments
+    from optic.client.bench import add_arguments as bench_arguments
 
-    bench_arguments(p, f"localhost:{DEFAULT_GRPC_PORT}")
+    bench_arguments(p, f"localhost:{defaults.GRPC_PORT}")
     p.set_defaults(func=bench)
     return parser
 
@@ -242,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), handlers=[handler])
+    level = getattr(args, "log_level", "INFO").upper()
+    logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", handlers=[handler])
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do

@@ -14,36 +14,67 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 
-from server.proto.inference import model_config_pb2 as mc
-from server.runtime import TensorSpec
-from server.scheduler import BatchingConfig
-from server.tensors import TRITON_TYPES
+from optic.proto.inference import model_config_pb2 as mc
+from optic.server.runtime import TensorSpec
+from optic.server.scheduler import BatchingConfig
+from optic.server.tensors import TRITON_TYPES
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-_TYPE_OF = {d: mc.DataType.Value(name) for d, name in TRITON_TYPES.items()}  # KServe datatype -> enum
+TYPE_OF = {d: mc.DataType.Value(name) for d, name in TRITON_TYPES.items()}  # KServe datatype -> enum
 
 
 class ConfigError(ValueError):
     """The model's configuration cannot be used; the message says which field and why."""
 
 
-class _RecordingParser(text_format._Parser):
-    """protobuf's parser, noting the names of the fields it skips."""
+def unknown_fields(text: str, descriptor: Any) -> list[str]:
+    """``Message.field`` for every field of ``text`` that ``descriptor``'s message does not have.
 
-    def __init__(self) -> None:
-        super().__init__(allow_unknown_field=True)
-        self.skipped: list[str] = []
+    protobuf's text-format parser can skip unknown fields but names none of them
+    publicly, so this walks the text with its public ``Tokenizer`` (after a
+    successful parse, so the syntax is known to be valid).
+    """
+    skipped: list[str] = []
+    tokens = text_format.Tokenizer(text.split("\n"))
+    _walk_message(tokens, descriptor, skipped, top=True)
+    return skipped
 
-    def _SkipFieldContents(self, tokenizer, field_name, immediate_message_type) -> None:  # noqa: ANN001
-        self.skipped.append(f"{immediate_message_type.removeprefix('inference.')}.{field_name}")
-        super()._SkipFieldContents(tokenizer, field_name, immediate_message_type)
+
+def _walk_message(tokens: text_format.Tokenizer, desc: Any, skipped: list[str], top: bool) -> None:
+    while not tokens.AtEnd():
+        if not top and (tokens.TryConsume("}") or tokens.TryConsume(">")):
+            return
+        name = tokens.ConsumeIdentifierOrNumber()
+        known = desc.fields_by_name.get(name) if desc is not None else None
+        if desc is not None and known is None:
+            skipped.append(f"{desc.name}.{name}")
+        sub = known.message_type if known is not None else None
+        tokens.TryConsume(":")
+        if tokens.TryConsume("["):
+            while not tokens.TryConsume("]"):
+                _walk_value(tokens, sub, skipped)
+                tokens.TryConsume(",")
+        else:
+            _walk_value(tokens, sub, skipped)
+        if not tokens.TryConsume(","):
+            tokens.TryConsume(";")
+
+
+def _walk_value(tokens: text_format.Tokenizer, sub: Any, skipped: list[str]) -> None:
+    if tokens.TryConsume("{") or tokens.TryConsume("<"):
+        _walk_message(tokens, sub, skipped, top=False)
+    elif tokens.token[:1] in ("'", '"'):
+        tokens.ConsumeString()  # adjacent string literals are one value
+    else:
+        tokens.NextToken()
 
 
 @dataclass
@@ -57,13 +88,12 @@ class FileConfig:
 
 def parse(text: str, source: str = CONFIG_FILE) -> FileConfig:
     config = mc.ModelConfig()
-    parser = _RecordingParser()
     try:
-        parser.ParseLines(text.split("\n"), config)
+        text_format.Parse(text, config, allow_unknown_field=True)
     except text_format.ParseError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     explicit = re.search(r"^\s*max_batch_size\s*:", text, re.MULTILINE) is not None
-    return FileConfig(config, parser.skipped, explicit)
+    return FileConfig(config, unknown_fields(text, config.DESCRIPTOR), explicit)
 
 
 def read(model_dir: Path) -> FileConfig:
@@ -180,10 +210,10 @@ def _tensors(declared, actual: list[TensorSpec], kind: str, max_batch_size: int)
         spec = by_name.get(d.name)
         if spec is None:
             raise ConfigError(f"{kind} {d.name!r} is not in the model; it has {', '.join(by_name)}")
-        if d.data_type != mc.TYPE_INVALID and d.data_type != _TYPE_OF[spec.datatype]:
+        if d.data_type != mc.TYPE_INVALID and d.data_type != TYPE_OF[spec.datatype]:
             raise ConfigError(
                 f"{kind} {d.name!r} is declared {mc.DataType.Name(d.data_type)}, the model has "
-                f"{mc.DataType.Name(_TYPE_OF[spec.datatype])}"
+                f"{mc.DataType.Name(TYPE_OF[spec.datatype])}"
             )
         shape = list(spec.shape[1:] if max_batch_size > 0 else spec.shape)
         dims = list(d.dims)
@@ -195,11 +225,11 @@ def _tensors(declared, actual: list[TensorSpec], kind: str, max_batch_size: int)
         if spec.name not in named:
             declared.add(
                 name=spec.name,
-                data_type=_TYPE_OF[spec.datatype],
+                data_type=TYPE_OF[spec.datatype],
                 dims=spec.shape[1:] if max_batch_size > 0 else spec.shape,
             )
         else:
             d = next(d for d in declared if d.name == spec.name)
-            d.data_type = _TYPE_OF[spec.datatype]
+            d.data_type = TYPE_OF[spec.datatype]
             if not d.dims:
                 d.dims.extend(spec.shape[1:] if max_batch_size > 0 else spec.shape)

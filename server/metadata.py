@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 TASK = "optic.task"
 LABELS = "optic.labels"
@@ -31,8 +32,24 @@ VOCAB = "optic.vocab"
 # Model (directory) names: what the repository serves and the export stage may write.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-TASKS = ("classification", "detection", "segmentation", "captioning")
+# The one task vocabulary: short names (Ultralytics' and ``optic infer``'s words) -> the long names
+# written in ``optic.task``. Everywhere a task is named, either form is accepted.
+TASK_NAMES = {"classify": "classification", "detect": "detection", "segment": "segmentation", "caption": "captioning"}
+TASKS = tuple(TASK_NAMES.values())
 _ULTRALYTICS_TASKS = {"classify": "classification", "detect": "detection", "segment": "segmentation"}
+
+
+def task_long_name(name: str) -> str:
+    """``detect`` or ``detection`` -> ``detection``; anything else is returned unchanged (for callers to refuse)."""
+    return TASK_NAMES.get(name, name)
+
+
+def task_short_name(name: str | None) -> str:
+    """``detection`` or ``detect`` -> ``detect``."""
+    for short, long in TASK_NAMES.items():
+        if name in (short, long):
+            return short
+    return name or ""
 RESIZE_MODES = ("stretch", "letterbox", "center_crop")
 COLORS = ("RGB", "BGR")
 OUTPUT_KINDS = ("logits", "probabilities")
@@ -97,14 +114,19 @@ class ModelMeta:
     @classmethod
     def from_props(cls, props: Mapping[str, str]) -> ModelMeta:
         """Parse ours, falling back to Ultralytics' keys; raises :class:`MetadataError`."""
-        task = props.get(TASK) or _ULTRALYTICS_TASKS.get(props.get("task", ""))
+        task = task_long_name(props[TASK]) if TASK in props else _ULTRALYTICS_TASKS.get(props.get("task", ""))
         if task is not None and task not in TASKS:
             raise MetadataError(f"metadata {TASK!r} is {task!r}; expected one of {', '.join(TASKS)}")
         if LABELS in props:
             labels = _json(props, LABELS, list)
         elif "names" in props:  # Ultralytics: a Python dict literal {0: 'person', ...}
             names = _literal(props, "names")
-            labels = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+            if isinstance(names, dict):
+                labels = [names[k] for k in sorted(names)]
+            elif isinstance(names, list | tuple):
+                labels = list(names)
+            else:
+                raise MetadataError("metadata 'names' must be a dict or a list of class names")
         else:
             labels = []
         if not all(isinstance(x, str) for x in labels):
@@ -156,7 +178,7 @@ class ModelMeta:
         return cls(task, tuple(labels), spec, output_kind, layout, tuple(vocab), extra)
 
 
-def _json(props: Mapping[str, str], key: str, kind: type) -> list:
+def _json(props: Mapping[str, str], key: str, kind: type) -> Any:
     try:
         value = json.loads(props[key])
     except json.JSONDecodeError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -26,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from server import config as cfgmod
-from server.errors import NotFound, OpticError, Unavailable
-from server.metadata import MODEL_NAME, ModelMeta
-from server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
-from server.proto.inference import model_config_pb2 as mc
-from server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
-from server.scheduler import BatchingConfig, DynamicBatcher, Tensors
-from server.tensors import DATATYPES
+from optic.proto.inference import model_config_pb2 as mc
+from optic.server import config as cfgmod
+from optic.server.errors import NotFound, OpticError, Unavailable
+from optic.server.metadata import MODEL_NAME, ModelMeta
+from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
+from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
+from optic.server.scheduler import BatchingConfig, DynamicBatcher, Tensors
+from optic.server.tensors import DATATYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class ServedModel:
     queue_timeout: float | None = None  # the queue policy's default timeout, seconds
     reject_on_timeout: bool = True
     holders: int = 0  # requests that got this version and may still queue on it
+    released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set while holders == 0
+
+    def __post_init__(self) -> None:
+        self.released.set()
 
     @property
     def max_batch_size(self) -> int:
@@ -233,7 +238,7 @@ class ModelRepository:
                 source = given.WhichOneof("input_data_type") if given else "zero_data"
                 if source == "random_data":
                     feeds[spec.name] = (rng.random(shape) * 2 - 1).astype(dtype)
-                elif source == "input_data_file":
+                elif source == "input_data_file" and given is not None:
                     feeds[spec.name] = _warmup_file(model_dir, given.input_data_file, dtype, shape)
                 else:
                     feeds[spec.name] = np.zeros(shape, dtype)
@@ -247,7 +252,7 @@ class ModelRepository:
         dirs = await asyncio.get_running_loop().run_in_executor(self._loader, self.model_dirs)
         model_dir = dirs.get(name)
         if model_dir is None:
-            raise NotFound(f"no model {_printable(name)} in the repository; it has: {', '.join(dirs) or 'nothing'}")
+            raise NotFound(f"no model {printable(name)} in the repository; it has: {', '.join(dirs) or 'nothing'}")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             state = self.states.setdefault(name, ModelState())
@@ -264,7 +269,7 @@ class ModelRepository:
                 raise LoadFailed(f"failed to load model {name!r}: {exc}") from None
             for model in built.values():
                 model.batcher.start()
-                model.stats.track_queue(lambda b=model.batcher: b.queued)
+                model.stats.track_queue(functools.partial(getattr, model.batcher, "queued"))
             old = self.versions.get(name, {})
             self.versions[name] = built  # the swap: one assignment
             state.error, state.failed_versions, state.reason = "", (), ""
@@ -284,7 +289,7 @@ class ModelRepository:
         if name not in self.versions:
             if name in self.states or name in self.model_dirs():
                 return  # already not loaded: nothing to do, as Triton
-            raise NotFound(f"no model {_printable(name)} to unload")
+            raise NotFound(f"no model {printable(name)} to unload")
         old = self.versions.pop(name)
         self.states.setdefault(name, ModelState()).reason = "unloaded"
         for model in old.values():
@@ -293,8 +298,7 @@ class ModelRepository:
 
     def _retire(self, model: ServedModel, keep_ready: bool) -> None:
         async def drain() -> None:
-            while model.holders:
-                await asyncio.sleep(0.01)
+            await model.released.wait()
             await model.batcher.close()
             model.executor.shutdown(wait=False)
             if not keep_ready:
@@ -381,13 +385,13 @@ class ModelRepository:
             if state is not None and state.reason:
                 raise Unavailable(f"model {name!r} is {state.reason}")
             known = ", ".join(sorted(self.versions)) or "none"
-            raise NotFound(f"unknown model {_printable(name)}; this server has: {known}")
+            raise NotFound(f"unknown model {printable(name)}; this server has: {known}")
         if not version:
             return self._default(versions)
         model = versions.get(version)
         if model is None:
             raise NotFound(
-                f"model {name!r} has no version {_printable(version)}; serving version(s) {', '.join(versions)}"
+                f"model {name!r} has no version {printable(version)}; serving version(s) {', '.join(versions)}"
             )
         return model
 
@@ -396,10 +400,13 @@ class ModelRepository:
         """Hold a version for one request, so a swap waits for it instead of failing it."""
         model = self.get(name, version)
         model.holders += 1
+        model.released.clear()
         try:
             yield model
         finally:
             model.holders -= 1
+            if not model.holders:
+                model.released.set()
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -429,17 +436,17 @@ class ModelRepository:
         return name if name in self.versions else ""
 
 
-def _warmup_file(model_dir: Path, name: str, dtype: type, shape: list[int]) -> np.ndarray:
+def _warmup_file(model_dir: Path, name: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
     """Raw little-endian tensor bytes from ``<model>/warmup/<name>`` (Triton's convention)."""
     if not _PLAIN_FILE.match(name):
         raise cfgmod.ConfigError(f"model_warmup input_data_file {name!r} must be a plain file name in warmup/")
     data = (model_dir / "warmup" / name).read_bytes()
-    array = np.frombuffer(data, dtype=dtype)
+    array: np.ndarray = np.frombuffer(data, dtype=dtype)
     if array.size != int(np.prod(shape)):
         raise cfgmod.ConfigError(f"warm-up file {name!r} holds {array.size} values, {shape} needs {np.prod(shape)}")
     return array.reshape(shape)
 
 
-def _printable(text: str, limit: int = 64) -> str:
+def printable(text: str, limit: int = 64) -> str:
     """Quote a client-supplied string safely for messages and logs."""
     return repr(text[:limit] + ("…" if len(text) > limit else ""))

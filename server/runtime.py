@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import InvalidArgument
-from server.tensors import DATATYPES, ORT_DATATYPES
+from optic.server.errors import InvalidArgument
+from optic.server.tensors import DATATYPES, ORT_DATATYPES
 
 log = logging.getLogger(__name__)
 

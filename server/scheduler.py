@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, Internal, InvalidArgument, OpticError, ResourceExhausted, Unavailable
+from optic.server.errors import DeadlineExceeded, Internal, InvalidArgument, OpticError, ResourceExhausted, Unavailable
 
 Tensors = dict[str, np.ndarray]
 RunFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
@@ -78,6 +78,7 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(max(1, config.instances))
         self._running: set[asyncio.Task[None]] = set()
+        self._progress = asyncio.Event()  # set whenever the queue shrinks or a batch finishes (for close)
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -93,8 +94,9 @@ class DynamicBatcher:
         """Refuse new work, let queued and running batches finish, then stop the scheduler."""
         self._closed = True
         while self._queue or self._running:
-            self._arrived.set()
-            await asyncio.sleep(0.005)
+            self._progress.clear()
+            self._arrived.set()  # a gathering batch leaves at once: nothing more will join it
+            await self._progress.wait()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -190,7 +192,7 @@ class DynamicBatcher:
                 batch += more
                 size += sum(p.size for p in more)
                 now = time.monotonic()
-                if size >= cap or flush_at <= now:
+                if size >= cap or flush_at <= now or self._closed:
                     break
                 if size in self.config.preferred_batch_sizes and not more:
                     break
@@ -207,10 +209,16 @@ class DynamicBatcher:
                         break
             if not batch:  # everything gathered expired or was cancelled while waiting
                 self._slots.release()
+                self._progress.set()
                 continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+            self._progress.set()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._progress.set()
 
     async def _execute(self, batch: list[_Pending]) -> None:
         try:

@@ -1,25 +1,23 @@
-"""Transport security, bearer-token auth and admission control for the gRPC port.
+"""Transport security and bearer-token auth for the gRPC port.
 
-Both checks run as ``grpc.aio`` server interceptors, before a request reaches
-a servicer: a refused call costs no decoding, no queue slot and no inference.
-Health checking stays open by default (kubelet's gRPC probes can send neither
-a token nor a client certificate), reflection is closed unless opened.
+The token check runs as a ``grpc.aio`` server interceptor, before a request
+reaches a servicer and before its body is parsed: a refused call costs no
+decoding, no queue slot and no inference. Health checking stays open by
+default (kubelet's gRPC probes can send neither a token nor a client
+certificate), reflection is closed unless opened.
 """
 
 from __future__ import annotations
 
 import hmac
-import inspect
 import logging
-import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
-from server.metrics import REQUESTS
+from optic.server.handlers import Continuation, count_refusal, refusal, service_of
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +26,6 @@ OPEN_GROUPS: dict[str, tuple[str, ...]] = {
     "health": ("grpc.health.v1.Health",),
     "reflection": ("grpc.reflection.",),
 }
-# Never counted against --max-inflight: probes and tooling must get through an overloaded server.
-_ADMISSION_EXEMPT = OPEN_GROUPS["health"] + OPEN_GROUPS["reflection"]
 MIN_TOKEN_LENGTH = 16
 
 
@@ -89,34 +85,6 @@ def load_tokens(path: Path) -> tuple[bytes, ...]:
     return tokens
 
 
-def _service(method: str) -> str:
-    return method.split("/")[1] if method.count("/") >= 2 else ""
-
-
-def _count(method: str, code: str) -> None:
-    REQUESTS.labels("", method.rsplit("/", 1)[-1], code).inc()
-
-
-def _kind(handler: grpc.RpcMethodHandler) -> str:
-    streaming = (handler.request_streaming, handler.response_streaming)
-    return {
-        (False, False): "unary_unary",
-        (False, True): "unary_stream",
-        (True, False): "stream_unary",
-        (True, True): "stream_stream",
-    }[streaming]
-
-
-def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    return handler._replace(**{_kind(handler): refuse})  # type: ignore[attr-defined]
-
-
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-
-
 class TokenAuth(grpc.aio.ServerInterceptor):
     """``authorization: Bearer <token>`` on every call outside the open services, compared in constant time."""
 
@@ -143,122 +111,16 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or _service(method).startswith(self._open):
+        if handler is None or service_of(method).startswith(self._open):
             return handler
         metadata = handler_call_details.invocation_metadata or ()
         header = next((value for key, value in metadata if key == "authorization"), None)
         if self._valid(header):
             return handler
-        _count(method, "UNAUTHENTICATED")
+        count_refusal(method, "UNAUTHENTICATED")
         reason = "missing" if header is None else "invalid"
-        return _refuse(
+        return refusal(
             handler,
             grpc.StatusCode.UNAUTHENTICATED,
             f"{reason} bearer token: send metadata 'authorization: Bearer <token>'",
         )
-
-
-@dataclass(frozen=True)
-class _Undecodable:
-    """What a request that is not a valid protobuf message parses to (grpcio would answer UNKNOWN)."""
-
-    message: str
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-    owner = getattr(deserializer, "__self__", None)
-    kind = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
-            return _Undecodable(f"the request is not a valid {kind} message ({type(exc).__name__})")
-
-    return parse
-
-
-class Admission(grpc.aio.ServerInterceptor):
-    """At most ``limit`` calls in flight; more get RESOURCE_EXHAUSTED at once instead of queueing unseen.
-
-    The per-model queues bound what waits for a model; this bounds everything
-    before them (requests decoding images, waiting for a worker thread), so
-    memory under overload is bounded by ``limit`` times the message limit.
-    Unary requests that are not valid protobuf get INVALID_ARGUMENT here.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.inflight = 0
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or _service(method).startswith(_ADMISSION_EXEMPT):
-            return handler
-        kind = _kind(handler)
-        behaviour = getattr(handler, kind)
-        if not handler.request_streaming:
-            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))  # type: ignore[attr-defined]
-
-        if inspect.isasyncgenfunction(behaviour):
-
-            async def admitted_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._admit(method, request, context)
-                try:
-                    async for item in behaviour(request, context):
-                        yield item
-                finally:
-                    self.inflight -= 1
-
-            return handler._replace(**{kind: admitted_stream})  # type: ignore[attr-defined]
-
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._admit(method, request, context)
-            try:
-                return await behaviour(request, context)
-            finally:
-                self.inflight -= 1
-
-        return handler._replace(**{kind: admitted})  # type: ignore[attr-defined]
-
-    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        """Take an in-flight slot (released by the caller) or abort the call."""
-        if isinstance(request, _Undecodable):
-            _count(method, "INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if not self._enter():
-            _count(method, "RESOURCE_EXHAUSTED")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server is at its limit of {self.limit} calls in flight (--max-inflight); retry with backoff",
-            )
-
-    def _enter(self) -> bool:
-        if self.inflight >= self.limit:
-            return False
-        self.inflight += 1
-        return True
-
-
-# C0/C1 controls except tab and newline, DEL, and the Unicode line/paragraph separators.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-class EscapingFormatter(logging.Formatter):
-    """Log records that no request can forge or garble: control characters (ANSI escapes, carriage
-    returns) are written as ``\\xNN``, and every continuation line (tracebacks) is indented, so only a
-    real record starts a line with its timestamp."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = _CONTROL.sub(_escape, super().format(record))
-        return text.replace("\n", "\n    ")

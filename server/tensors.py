@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server.errors import InvalidArgument
+from optic.server.errors import InvalidArgument
 
 # KServe v2 datatype name -> numpy dtype (little-endian, as the wire format is).
 DATATYPES: dict[str, np.dtype] = {
@@ -68,15 +68,6 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 MAX_RANK = 16
-
-
-def datatype_of(array: np.ndarray) -> str:
-    if array.dtype == np.object_ or array.dtype.kind in "SU":
-        return "BYTES"
-    for name, dtype in DATATYPES.items():
-        if name != "BYTES" and array.dtype == dtype:
-            return name
-    raise InvalidArgument(f"numpy dtype {array.dtype} has no KServe v2 datatype")
 
 
 def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:

@@ -74,7 +74,7 @@ def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_por
     cmd = [
         sys.executable,
         "-m",
-        "server.cli",
+        "optic.server.cli",
         "serve",
         "--model-repo",
         str(repo),
@@ -120,3 +120,14 @@ def encode(image: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, fmt, **kwargs)
     return buf.getvalue()
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)

@@ -24,7 +24,18 @@ SERVER_FIELDS = {
 
 
 def bench(server, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "server.cli", "bench", "--url", server.url, "--warmup", "0.3", "--no-progress", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "optic.server.cli",
+        "bench",
+        "--url",
+        server.url,
+        "--warmup",
+        "0.3",
+        "--no-progress",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 
-from server.cli import build_parser
-from server.probes import LIVENESS_SERVICE, READINESS_SERVICE
+from optic.server.cli import build_parser
+from optic.server.probes import LIVENESS_SERVICE, READINESS_SERVICE
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -218,7 +218,7 @@ def exported_series() -> set[str]:
     """Every sample name the server's metrics can produce (counters' _total, histograms' _bucket/_sum/_count)."""
     from prometheus_client import REGISTRY
 
-    import server.metrics  # noqa: F401 - registers the metrics
+    import optic.server.metrics  # noqa: F401 - registers the metrics
 
     names: set[str] = set()
     for family in REGISTRY.collect():

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.data import SHAPES, make_scenes
-from server.metadata import ModelMeta
+from optic.export.data import SHAPES, make_scenes
+from optic.server.metadata import ModelMeta
 from tests.conftest import MODEL_REPO
 
 
@@ -33,7 +33,7 @@ def test_scenes_are_deterministic_and_complete():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     pytest.importorskip("torch")
-    from export import classifier
+    from optic.export import classifier
 
     out = tmp_path_factory.mktemp("repo")
     recipe = classifier.ClassifierRecipe(epochs=1, train_per_epoch=256, test_size=64, width=4, gate=0.0)
@@ -56,7 +56,7 @@ def test_tiny_export_has_parity_and_metadata(tiny):
 
 def test_gate_refuses_to_write(tmp_path):
     pytest.importorskip("torch")
-    from export import classifier
+    from optic.export import classifier
 
     recipe = classifier.ClassifierRecipe(epochs=1, train_per_epoch=128, test_size=32, width=4, gate=1.01)
     report = classifier.build(tmp_path, recipe, progress=False)
@@ -78,7 +78,7 @@ def test_export_without_torch_explains_the_extra(tmp_path):
     import sys
 
     code = (
-        "import sys; sys.modules['torch'] = None; from server.cli import main; "
+        "import sys; sys.modules['torch'] = None; from optic.server.cli import main; "
         f"sys.exit(main(['export', 'classifier', '--out', {str(tmp_path)!r}]))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

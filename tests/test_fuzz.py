@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as kpb
 
-from export.data import make_scenes
-from server.proto.optic.v1 import vision_pb2 as vpb
+from optic.export.data import make_scenes
+from optic.proto.optic.v1 import vision_pb2 as vpb
 from tests.conftest import RunningServer, encode, start_server
 
 EXAMPLES = int(os.environ.get("OPTIC_FUZZ_EXAMPLES", "200"))

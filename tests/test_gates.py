@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from export import captioner, classifier, detector, segmenter
-from export.onnx_export import ort_predict
+from optic.export import captioner, classifier, detector, segmenter
+from optic.export.onnx_io import ort_predict
 from tests.conftest import MODEL_REPO
 
 HELD_OUT = 300  # a fixed slice of each recipe's held-out seed (disjoint from training)

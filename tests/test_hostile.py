@@ -1,6 +1,6 @@
 """The bad-input matrix: every RPC against malformed and hostile requests, on a live server.
 
-``MATRIX`` is the table the README's "Bad-input matrix" section reproduces
+``MATRIX`` is the table docs/operations.md's "Bad-input matrix" section reproduces
 (a test keeps the two in step). After the whole matrix, three times over,
 the server must still be SERVING, answer correctly, have logged nothing a
 client could forge, and its memory must not have grown.
@@ -24,9 +24,9 @@ from PIL import Image
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
-from export.data import make_scenes
-from server.proto.optic.v1 import vision_pb2 as vpb
-from server.proto.optic.v1 import vision_pb2_grpc as vpb_grpc
+from optic.export.data import make_scenes
+from optic.proto.optic.v1 import vision_pb2 as vpb
+from optic.proto.optic.v1 import vision_pb2_grpc as vpb_grpc
 from tests.conftest import ROOT, RunningServer, encode, start_server
 
 MAX_MESSAGE_MB = 4
@@ -737,9 +737,9 @@ def test_matrix_leaves_the_server_serving_correct_and_bounded(hostile_server: Ru
     assert not any(line.startswith("2026-01-01") for line in log.splitlines()), "a request forged a log line"
 
 
-def test_readme_reproduces_the_matrix() -> None:
-    """The README's table lists every case with the status the test demands, and nothing else."""
-    text = (ROOT / "README.md").read_text()
+def test_docs_reproduce_the_matrix() -> None:
+    """docs/operations.md's table lists every case with the status the test demands, and nothing else."""
+    text = (ROOT / "docs" / "operations.md").read_text()
     section = text.split("### Bad-input matrix", 1)[1].split("\n#", 1)[0]
     rows = {}
     for line in section.splitlines():
@@ -750,7 +750,7 @@ def test_readme_reproduces_the_matrix() -> None:
 
 
 def readme_table() -> str:
-    """The README rows from MATRIX (``from tests.test_hostile import readme_table``)."""
+    """The docs' rows from MATRIX (``from tests.test_hostile import readme_table``)."""
     lines = ["| case | RPC | input | status |", "|---|---|---|---|"]
     lines += [f"| `{c.id}` | {c.rpc.split('.')[1]} | {c.what} | `{c.code}` |" for c in MATRIX]
     return "\n".join(lines)

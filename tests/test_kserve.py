@@ -9,9 +9,9 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from export.data import SHAPES, classification_arrays, make_scenes
-from server.metadata import ModelMeta
-from server.tasks.image import normalize
+from optic.export.data import SHAPES, classification_arrays, make_scenes
+from optic.server.metadata import ModelMeta
+from optic.server.tasks.image import normalize
 from tests.conftest import MODEL_REPO
 
 MODEL_FILE = MODEL_REPO / "classifier" / "1" / "model.onnx"

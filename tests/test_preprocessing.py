@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.errors import InvalidArgument
-from server.metadata import InputSpec, MetadataError, ModelMeta
-from server.tasks import classification
-from server.tasks.image import ImageLimits, cheap_to_decode, decode_image, image_to_tensor, normalize
-from server.tensors import from_contents, from_raw, to_raw
+from optic.server.errors import InvalidArgument
+from optic.server.metadata import InputSpec, MetadataError, ModelMeta
+from optic.server.tasks import classify
+from optic.server.tasks.image import ImageLimits, cheap_to_decode, decode_image, normalize, prepare
+from optic.server.tensors import from_contents, from_raw, to_raw
 
 SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -56,17 +56,17 @@ def test_pixel_bomb_is_refused_before_decoding():
 
 def test_large_jpeg_decodes_at_reduced_scale_to_the_same_tensor_shape():
     img = Image.new("RGB", (1920, 1080), (10, 200, 30))
-    x = image_to_tensor(png(img, "JPEG"), SPEC, ImageLimits())
+    x = prepare(png(img, "JPEG"), SPEC, ImageLimits()).tensor
     assert x.shape == (3, 64, 64)
 
 
 def test_top_k_softmax():
     meta = ModelMeta(labels=("a", "b", "c"), output_kind="logits")
-    out = classification.postprocess(np.array([1.0, 3.0, 2.0]), meta, 2)
+    out = classify.top_k(np.array([1.0, 3.0, 2.0]), meta, 2)
     assert [x.label for x in out] == ["b", "c"]
     e = np.exp([1.0, 3.0, 2.0])
     assert out[0].score == pytest.approx(e[1] / e.sum())
-    probs = classification.postprocess(np.array([0.2, 0.5, 0.3]), ModelMeta(output_kind="probabilities"), 0)
+    probs = classify.top_k(np.array([0.2, 0.5, 0.3]), ModelMeta(output_kind="probabilities"), 0)
     assert [x.label for x in probs] == ["1", "2", "0"] and probs[0].score == pytest.approx(0.5)
 
 

@@ -12,19 +12,17 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from server.codegen import PROTO_SRC, generate
+from optic.proto.codegen import PROTO_SRC, generate, generated_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_generated_code_is_current(tmp_path):
     generate(tmp_path)
-    committed = ROOT / "server" / "proto"
+    committed = PROTO_SRC
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    existing = sorted(
-        p.relative_to(committed) for p in committed.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    )
-    assert fresh == existing, "server/proto has stale or missing files: run `make protos`"
+    existing = sorted(p.relative_to(committed) for p in generated_files(committed))
+    assert fresh == existing, "protos/ has stale or missing generated files: run `make protos`"
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, committed / p, shallow=False)]
     assert not stale, f"stale generated code {stale}: run `make protos`"
 
@@ -96,7 +94,7 @@ def test_kserve_messages_match_tritons(tmp_path, proto, triton, at_least):
 def test_server_never_imports_torch_or_onnx():
     """Serving needs neither (torch and onnx come with the export extra)."""
     code = (
-        "import sys, server.app, server.cli, server.api.vision; "
+        "import sys, optic.server.app, optic.server.cli, optic.server.api.vision; "
         "sys.exit(any(m.split('.')[0] in ('torch', 'onnx') for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -13,9 +13,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export import captioner, classifier, convert, detector, segmenter
-from export.data import SHAPES
-from server.metadata import InputSpec, ModelMeta
+from optic.export import captioner, classifier, convert, detector, importer, segmenter
+from optic.export.data import SHAPES
+from optic.server.config import parse
+from optic.server.metadata import InputSpec, ModelMeta
 from tests.conftest import MODEL_REPO, ROOT
 
 TINY = {
@@ -168,21 +169,21 @@ def ultralytics_like(path, classes=3, anchors=16, size=64):
 def test_import_ultralytics_detector(tmp_path):
     src = tmp_path / "yolo11n.onnx"
     ultralytics_like(src)
-    path = convert.import_onnx(src, "detection", tmp_path / "repo")
+    path = importer.import_onnx(src, "detection", tmp_path / "repo")
     sess = ort.InferenceSession(str(path))
     props = sess.get_modelmeta().custom_metadata_map
     meta = ModelMeta.from_props(props)
     assert meta.task == "detection" and meta.labels == ("thing0", "thing1", "thing2")
     assert meta.output_layout == "yolov8" and meta.input.size == (64, 64) and meta.input.resize == "letterbox"
     assert props["names"].startswith("{0:")  # Ultralytics' own keys are kept
-    config = (tmp_path / "repo" / "yolo11n" / "config.pbtxt").read_text()
-    assert 'name: "yolo11n"' in config and "max_batch_size: 32" in config and "dims: [ 3, 64, 64 ]" in config
+    config = parse((tmp_path / "repo" / "yolo11n" / "config.pbtxt").read_text()).config
+    assert config.name == "yolo11n" and config.max_batch_size == 32 and list(config.input[0].dims) == [3, 64, 64]
 
 
 def test_import_overrides_preprocessing(tmp_path):
     src = tmp_path / "yolo.onnx"
     ultralytics_like(src)
-    path = convert.import_onnx(src, "detection", tmp_path / "repo", name="y", mean=(0.1, 0.2, 0.3), scale=1.0)
+    path = importer.import_onnx(src, "detection", tmp_path / "repo", name="y", mean=(0.1, 0.2, 0.3), scale=1.0)
     meta = ModelMeta.from_props(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
     assert meta.input.mean == (0.1, 0.2, 0.3) and meta.input.scale == 1.0 and meta.input.resize == "letterbox"
 
@@ -190,23 +191,27 @@ def test_import_overrides_preprocessing(tmp_path):
 def test_import_classifier_needs_matching_labels(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(SHAPES) + "\n")
-    path = convert.import_onnx(
+    path = importer.import_onnx(
         MODEL_REPO / "classifier" / "1" / "model.onnx",
         "classification",
         tmp_path / "r",
         name="mine",
-        labels=convert.read_labels(labels),
+        labels=importer.read_labels(labels),
     )
     assert ModelMeta.from_props(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map).labels == SHAPES
-    with pytest.raises(convert.ExportError, match="3 labels given, but the model's output has 5 classes"):
-        convert.import_onnx(
+    with pytest.raises(importer.ExportError, match="3 labels given, but the model's output has 5 classes"):
+        importer.import_onnx(
             MODEL_REPO / "classifier" / "1" / "model.onnx", "classification", tmp_path / "r", labels=("a", "b", "c")
         )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "export", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "optic.server.cli", "export", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server import runtime
-from server.runtime import OnnxModel, RuntimeOptions, providers_for
+from optic.server import runtime
+from optic.server.runtime import OnnxModel, RuntimeOptions, providers_for
 from tests.conftest import MODEL_REPO, ROOT
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -52,7 +52,18 @@ def test_io_binding_gives_the_same_answers():
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has CUDA")
 def test_serve_with_device_cuda_fails_fast_without_cuda():
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--device", "cuda", "--grpc-port", "0", "--metrics-port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "optic.server.cli",
+            "serve",
+            "--device",
+            "cuda",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

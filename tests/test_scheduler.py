@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
-from server.scheduler import BatchingConfig, DynamicBatcher
+from optic.server.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted
+from optic.server.scheduler import BatchingConfig, DynamicBatcher
 
 
 class Recorder:

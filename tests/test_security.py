@@ -21,8 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from export.data import make_scenes
-from server.client import Credentials, VisionClient
+from optic.client.vision import Credentials, VisionClient
+from optic.export.data import make_scenes
 from tests.conftest import MODEL_REPO, ROOT, encode, start_server
 
 TOKENS = ("first-token-0123456789abcdef", "rotated-token-fedcba9876543210")
@@ -237,7 +237,7 @@ def test_bearer_token_required_and_rotation_accepted(token_server) -> None:
 def test_optic_bench_reaches_a_token_server(pki: Pki, token_server, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKENS[0] + "\n")
-    base = [sys.executable, "-m", "server.cli", "bench", "--url", token_server.url, "--requests", "20",
+    base = [sys.executable, "-m", "optic.server.cli", "bench", "--url", token_server.url, "--requests", "20",
             "--concurrency", "2", "--warmup", "0", "--no-progress", "--image-size", "64", "64"]  # fmt: skip
     ok = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0 and "errors: none" in ok.stdout, ok.stdout + ok.stderr
@@ -278,7 +278,7 @@ def test_tls_and_token_together_with_optic_infer(pki: Pki, one_model_repo: Path,
     try:
         image = tmp_path / "scene.png"
         image.write_bytes(IMAGE)
-        base = [sys.executable, "-m", "server.cli", "infer", "--url", f"localhost:{srv.grpc_port}", str(image)]
+        base = [sys.executable, "-m", "optic.server.cli", "infer", "--url", f"localhost:{srv.grpc_port}", str(image)]
         token_file = tmp_path / "token"
         token_file.write_text(TOKENS[1] + "\n")
         ok = subprocess.run(
@@ -306,7 +306,7 @@ def test_tls_and_token_together_with_optic_infer(pki: Pki, one_model_repo: Path,
         (["--auth-token-file", "{short}"], "shorter than 16 characters"),
         (["--auth-token-file", "{empty}"], "holds no token"),
         (["--auth-token-file", "{tokens}", "--auth-open", "metrics"], "--auth-open 'metrics'"),
-        (["--max-inflight", "0"], "--max-inflight is out of range"),
+        (["--max-inflight", "0"], "--max-inflight 0 is out of range: choose 1 to"),
     ],
 )
 def test_security_flag_mistakes_stop_the_server_at_once(pki: Pki, tmp_path: Path, flags, needle) -> None:
@@ -323,7 +323,7 @@ def test_security_flag_mistakes_stop_the_server_at_once(pki: Pki, tmp_path: Path
     }
     args = [f.format(**paths) for f in flags]
     done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model-repo", str(MODEL_REPO), "--grpc-port", "0", *args],
+        [sys.executable, "-m", "optic.server.cli", "serve", "--model-repo", str(MODEL_REPO), "--grpc-port", "0", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.data import SHAPES, make_scenes
-from server.proto.optic.v1 import vision_pb2 as pb
-from server.proto.optic.v1 import vision_pb2_grpc as pb_grpc
+from optic.export.data import SHAPES, make_scenes
+from optic.proto.optic.v1 import vision_pb2 as pb
+from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, encode, start_server
 
 
@@ -83,7 +83,7 @@ def test_optic_infer_cli(server, tmp_path):
         path = tmp_path / f"scene{i}.png"
         path.write_bytes(encode(s.image))
         paths.append(str(path))
-    cmd = [sys.executable, "-m", "server.cli", "infer", "--url", server.url, "--model", "classifier", *paths]
+    cmd = [sys.executable, "-m", "optic.server.cli", "infer", "--url", server.url, "--model", "classifier", *paths]
     table = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert table.returncode == 0, table.stderr
     assert SHAPES[scenes[0].label] in table.stdout.splitlines()[1]
@@ -124,3 +124,29 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         raise AssertionError("a stopped server answered")
     except grpc.RpcError as err:
         assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def metrics_table() -> str:
+    """The docs' metrics table, from the registry itself (``from tests.test_service import metrics_table``)."""
+    from prometheus_client import REGISTRY
+
+    import optic.server.metrics  # noqa: F401 - registers the families
+
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for family in sorted(REGISTRY.collect(), key=lambda f: f.name):
+        if not family.name.startswith("optic_"):
+            continue
+        suffix = "_total" if family.type == "counter" else ""
+        # prometheus_client keeps label names only on the collector (no public accessor): fine for a test.
+        collector = REGISTRY._names_to_collectors[family.name + suffix]
+        labels = ", ".join(f"`{n}`" for n in collector._labelnames)
+        rows.append(f"| `{family.name}{suffix}` | {family.type} | {labels} | {family.documentation} |")
+    return "\n".join(rows)
+
+
+def test_docs_list_every_metric():
+    """docs/operations.md's metrics table is exactly the registry's optic_* families."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert table == metrics_table()

@@ -18,13 +18,12 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from export import captioner, detector, segmenter
-from export.data import SHAPES, make_scenes
-from server.client import VisionClient
-from server.proto.optic.v1 import vision_pb2 as pb
-from server.proto.optic.v1 import vision_pb2_grpc as pb_grpc
-from server.tasks.detection import box_iou
-from tests.conftest import MODEL_REPO, ROOT, encode, start_server
+from optic.client.vision import VisionClient
+from optic.export import captioner, detector, segmenter
+from optic.export.data import SHAPES, make_scenes
+from optic.proto.optic.v1 import vision_pb2 as pb
+from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
+from tests.conftest import MODEL_REPO, ROOT, box_iou, encode, start_server
 
 DET_SCENES = make_scenes(12, seed=detector.TEST_SEED + 1, **detector.SCENE_ARGS)
 SEG_SCENES = make_scenes(8, seed=segmenter.TEST_SEED + 1, size=64)
@@ -330,7 +329,7 @@ def test_optic_infer_cli(server, tmp_path, task):
     ]
     image.write_bytes(encode(scene.image))
     vis = tmp_path / "vis"
-    cmd = [sys.executable, "-m", "server.cli", "infer", "--url", server.url, "--task", task, str(image), "--json"]
+    cmd = [sys.executable, "-m", "optic.server.cli", "infer", "--url", server.url, "--task", task, str(image), "--json"]
     result = subprocess.run([*cmd, "--save-vis", str(vis)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)[str(image)]

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.data import SHAPES, make_scenes
-from server.proto.optic.v1 import vision_pb2 as pb
-from server.proto.optic.v1 import vision_pb2_grpc as pb_grpc
+from optic.export.data import SHAPES, make_scenes
+from optic.proto.optic.v1 import vision_pb2 as pb
+from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
 from tests.conftest import encode
 
 SCENES = make_scenes(64, seed=4242)

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import Internal, OpticError
-from server.metrics import INFLIGHT, REQUEST_LATENCY, REQUESTS
-from server.repository import ModelRepository
+from optic.server.errors import Internal, OpticError
+from optic.server.metrics import INFLIGHT, REQUEST_LATENCY, REQUESTS
+from optic.server.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 

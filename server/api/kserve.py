@@ -7,16 +7,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import numpy as np
 
-from server import __version__
-from server.api.common import counted, in_order, rpc, time_left
-from server.errors import FailedPrecondition, InvalidArgument, OpticError
-from server.metrics import Duration, ModelStats
-from server.proto.inference import grpc_service_pb2 as pb
-from server.proto.inference import grpc_service_pb2_grpc as pb_grpc
-from server.repository import ModelRepository, ServedModel
-from server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
+from optic.proto.inference import grpc_service_pb2 as pb
+from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from optic.server import __version__
+from optic.server.api.common import counted, in_order, rpc, time_left
+from optic.server.config import PLATFORM
+from optic.server.errors import FailedPrecondition, InvalidArgument, OpticError
+from optic.server.metrics import Duration, ModelStats
+from optic.server.repository import ModelRepository, ServedModel
+from optic.server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
 
-PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 MAX_CLASSIFICATION = 1000
 STREAM_WINDOW = 64  # requests of one stream in flight; beyond it, reading pauses (gRPC flow control does the rest)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.errors import InvalidArgument
-from server.metadata import InputSpec
+from optic.server.errors import InvalidArgument
+from optic.server.metadata import InputSpec
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 
@@ -53,7 +53,7 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = img.size
             if min(width, height) < limits.min_side:
                 raise InvalidArgument(
@@ -148,11 +148,6 @@ class Transform:
         out[:, 1::2] = out[:, 1::2].clip(0, self.height)
         return out
 
-    def to_input(self, boxes: np.ndarray) -> np.ndarray:
-        out = np.empty_like(boxes, dtype=np.float32)
-        out[:, 0::2] = boxes[:, 0::2] * self.scale_x + self.pad_x
-        out[:, 1::2] = boxes[:, 1::2] * self.scale_y + self.pad_y
-        return out
 
 
 def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[float, int, int, int, int]:
@@ -170,20 +165,17 @@ def resize_with_transform(img: Image.Image, spec: InputSpec) -> tuple[Image.Imag
     if (w0, h0) == (width, height):
         return img, Transform(w0, h0, 1.0, 1.0, 0.0, 0.0)
     if spec.resize == "stretch":
-        return img.resize((width, height), Image.BILINEAR), Transform(w0, h0, width / w0, height / h0, 0.0, 0.0)
+        stretched = img.resize((width, height), Image.Resampling.BILINEAR)
+        return stretched, Transform(w0, h0, width / w0, height / h0, 0.0, 0.0)
     if spec.resize == "center_crop":
         r = max(width / w0, height / h0)
-        out = ImageOps.fit(img, (width, height), Image.BILINEAR)
+        out = ImageOps.fit(img, (width, height), Image.Resampling.BILINEAR)
         return out, Transform(w0, h0, r, r, (width - w0 * r) / 2, (height - h0 * r) / 2)
     r, nw, nh, px, py = letterbox_geometry(w0, h0, spec.size)
     canvas = Image.new("RGB", (width, height), (spec.pad_value,) * 3)
-    canvas.paste(img.resize((nw, nh), Image.BILINEAR), (px, py))
+    canvas.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (px, py))
     return canvas, Transform(w0, h0, nw / w0, nh / h0, float(px), float(py))
 
-
-def resize(img: Image.Image, spec: InputSpec) -> Image.Image:
-    """Bring the image to the model's input size by the model's resize mode."""
-    return resize_with_transform(img, spec)[0]
 
 
 @dataclass(frozen=True)
@@ -225,9 +217,3 @@ def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.layout == "NCHW":
         x = np.moveaxis(x, -1, -3)
     return np.ascontiguousarray(x)
-
-
-def image_to_tensor(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
-    """Encoded bytes -> one (C, H, W) float32 model input."""
-    img = resize(decode_image(data, limits, spec.size), spec)
-    return normalize(np.asarray(img), spec)

@@ -1,0 +1,1 @@
+"""Generated from protos/ by optic.proto.codegen; do not edit."""

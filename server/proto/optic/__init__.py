@@ -1,1 +1,0 @@
-"""Generated from protos/ by server.codegen; do not edit."""
