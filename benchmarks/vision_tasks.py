@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -37,13 +38,21 @@ from optic.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc  # noqa: E402
 from optic.server.metadata import InputSpec  # noqa: E402
 from optic.server.tasks.boxes import non_max_suppression  # noqa: E402
-from optic.server.tasks.image import ImageLimits, normalize, prepare, resize_with_transform  # noqa: E402
+from optic.server.tasks.image import ImageLimits, prepare  # noqa: E402
 from tests.test_detection import ort_nms, ort_nms_session  # noqa: E402
 
 SPECS = {
     "classifier": InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
     "detector": InputSpec(size=(96, 96), resize="letterbox"),
-}
+    # The reference pipelines: Ultralytics' predictor (OpenCV decode + INTER_LINEAR letterbox) and
+    # torchvision's ResNet-50 IMAGENET1K_V2 transforms (shorter side 232, crop 224, Pillow bilinear).
+    "ultralytics-640": InputSpec(size=(640, 640), resize="letterbox", pipeline="ultralytics"),
+    "ultralytics-320": InputSpec(size=(320, 320), resize="letterbox", pipeline="ultralytics"),
+    "torchvision-resnet50": InputSpec(
+        size=(224, 224), resize="center_crop", pipeline="torchvision", resize_size=232,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    ),
+}  # fmt: skip
 
 
 def photo(width: int, height: int) -> bytes:
@@ -74,15 +83,14 @@ def decode_figures() -> dict:
         data = photo(w, h)
         for model, spec in SPECS.items():
 
-            def full(spec=spec, data=data):
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-                return normalize(np.asarray(resize_with_transform(img, spec)[0]), spec)
+            draft, exact = replace(spec, decode="draft"), replace(spec, decode="exact")
 
             key = f"{w}x{h}->{model}"
             out[key] = {
                 "jpeg_bytes": len(data),
-                "with_draft_ms": timed(lambda spec=spec, data=data: prepare(data, spec, limits), 30),
-                "full_decode_ms": timed(full, 30),
+                "with_draft_ms": timed(lambda spec=draft, data=data: prepare(data, spec, limits), 30),
+                "full_decode_ms": timed(lambda spec=exact, data=data: prepare(data, spec, limits), 30),
+                "exact_pipeline": spec.pipeline,
             }
             out[key]["speedup"] = out[key]["full_decode_ms"] / out[key]["with_draft_ms"]
             print(key, out[key], flush=True)

@@ -20,6 +20,7 @@ from optic.server.tasks import task_named
 from optic.server.tasks.caption import Caption
 from optic.server.tasks.classify import Classification
 from optic.server.tasks.detect import Detection
+from optic.server.tasks.instances import InstanceMask
 from optic.server.tasks.segment import Segmentation
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Classification",
     "Credentials",
     "Detection",
+    "InstanceMask",
     "ModelInfo",
     "Segmentation",
     "VisionClient",
@@ -201,6 +203,12 @@ class VisionClient:
         self, image: ImageInput, model: str = "segmenter", rle: bool = False, version: str = ""
     ) -> Segmentation:
         return self.call("segment", [image], model, version, return_rle=rle)[0]
+
+    def segment_instances(
+        self, image: ImageInput, model: str = "segmenter", version: str = "", rle: bool = False, **options: Any
+    ) -> list[InstanceMask]:
+        """An instance model's objects (box, score, class, mask in the box); ``options`` as :meth:`detect`'s."""
+        return self.call("instance-segment", [image], model, version, return_rle=rle, **options)[0]
 
     def caption(
         self,

@@ -31,7 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("convert", help="turn a PyTorch checkpoint of one of our architectures into a repository entry")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--arch", required=True, help="classifier, detector, segmenter or captioner")
+    p.add_argument(
+        "--arch",
+        required=True,
+        help="ours (classifier, detector, segmenter, captioner) or torchvision's (resnet18, resnet50, "
+        "mobilenet_v3_large, efficientnet_b0, vit_b_16, convnext_tiny, fcn_resnet50, deeplabv3_mobilenet_v3_large, "
+        "lraspp_mobilenet_v3_large)",
+    )
+    p.add_argument(
+        "--torchvision-weights",
+        metavar="NAME",
+        help="torchvision: which weights the checkpoint is (e.g. IMAGENET1K_V2): their transforms and categories "
+        "are recorded (default: the architecture's DEFAULT)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="model name in the repository (default: the architecture)")
     p.add_argument("--labels", type=Path, help="labels file (JSON list or one per line); default: the checkpoint's")
@@ -41,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "import", help="wrap an existing ONNX model (e.g. Ultralytics, torchvision) as a repository entry"
     )
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    p.add_argument("--task", required=True, help="classify, detect or segment (or classification, detection, ...)")
+    p.add_argument(
+        "--task", help="classify, detect or segment (long names too); default: the model's own metadata (Ultralytics)"
+    )
     p.add_argument("--labels", type=Path, help="labels file; default: the model's own metadata (Ultralytics 'names')")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", help="model name in the repository (default: the file's stem)")
@@ -51,11 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _spec_flags(p: argparse.ArgumentParser, default: str) -> None:
     """How images become the model's input, recorded in its metadata for the server."""
-    from optic.server.metadata import RESIZE_MODES
+    from optic.server.metadata import DECODES, INTERPOLATIONS, PIPELINES, RESIZE_MODES
 
     g = p.add_argument_group(f"input spec (default: {default})")
     g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     g.add_argument("--resize", choices=RESIZE_MODES)
+    g.add_argument("--pipeline", choices=PIPELINES, help="the reference pre-processing the model was trained with")
+    g.add_argument("--resize-size", type=int, help="center_crop / shorter_side: the shorter side before cropping")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS)
+    g.add_argument("--decode", choices=DECODES, help="draft: large JPEGs decode at reduced scale (faster, inexact)")
     g.add_argument("--scale", type=float, help="pixel multiplier before mean/std, e.g. 0.00392156862745098 (1/255)")
     g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
     g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
@@ -68,6 +86,10 @@ def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "scale": args.scale,
         "mean": tuple(args.mean) if args.mean else None,
         "std": tuple(args.std) if args.std else None,
+        "pipeline": args.pipeline,
+        "resize_size": args.resize_size,
+        "interpolation": args.interpolation,
+        "decode": args.decode,
     }
 
 
@@ -97,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"needs the export extra (pip install -e '.[export]'): {exc}")
         if args.export_command == "convert":
             labels = importer.read_labels(args.labels) if args.labels else ()
-            paths = convert.convert(args.checkpoint, args.arch, args.out, args.name, labels, **_spec_overrides(args))
+            paths = convert.convert(
+                args.checkpoint, args.arch, args.out, args.name, labels, args.torchvision_weights,
+                **_spec_overrides(args),
+            )
             for path in paths:
                 print(f"wrote {path}")
             return 0

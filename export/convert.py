@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from optic.export import captioner, classifier, detector, segmenter
+from optic.export import captioner, classifier, detector, segmenter, torchvision_models
 from optic.export.data import SHAPES
 from optic.export.importer import ExportError, check_name, override_spec
 from optic.export.models import (
@@ -113,18 +113,27 @@ def convert(
     out: Path,
     name: str | None = None,
     labels: tuple[str, ...] = (),
+    torchvision_weights: str | None = None,
     **spec_overrides: object,
 ) -> list[Path]:
     """Checkpoint -> repository entry (two for the captioner); returns the written paths.
 
     ``spec_overrides`` (size, resize, scale, mean, std) win over the
-    checkpoint's input spec, which wins over the recipe's default.
+    checkpoint's input spec, which wins over the recipe's default. A
+    torchvision architecture takes its input spec and categories from
+    ``torchvision_weights`` (a name of its weights enum; default: DEFAULT).
     """
-    if arch not in ARCHS:
-        raise ExportError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    if arch not in ARCHS + torchvision_models.ARCHS:
+        known = ", ".join(ARCHS + torchvision_models.ARCHS)
+        raise ExportError(f"unknown architecture {arch!r}; expected one of {known}")
     if name is not None:
         check_name(name)
     state, saved_labels, saved_spec = _load_checkpoint(checkpoint)
+    if arch in torchvision_models.ARCHS:
+        path = torchvision_models.convert(
+            state, arch, out, name, labels or saved_labels, checkpoint.name, torchvision_weights, **spec_overrides
+        )
+        return [path]
     labels = labels or saved_labels
     defaults = {
         "classifier": classifier.INPUT_SPEC,

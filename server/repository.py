@@ -32,6 +32,7 @@ from optic.server import config as cfgmod
 from optic.server.errors import NotFound, OpticError, Unavailable
 from optic.server.metadata import MODEL_NAME, ModelMeta
 from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
+from optic.server.outputs import OutputMismatch, check_outputs
 from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
 from optic.server.scheduler import BatchingConfig, DynamicBatcher, Tensors
 from optic.server.tensors import DATATYPES
@@ -211,19 +212,31 @@ class ModelRepository:
             threads = max(1, default_threads() // batching.instances)
             runtime = OnnxModel(path, replace(self.runtime_options, intra_op_threads=threads))
         meta = ModelMeta.from_props(runtime.metadata_props)
-        self._warm_up(runtime, effective, model_dir)
+        spec = meta.input
+        image_hw = (spec.size, spec.layout == "NHWC") if spec is not None else (None, False)
+        # Warm-up runs at the model's real input size, and its outputs must fit what the metadata says.
+        shapes = self._warm_up(runtime, effective, model_dir, image_hw)
+        try:
+            layout = check_outputs(meta, shapes, f"model {name!r}")
+        except OutputMismatch as exc:
+            raise cfgmod.ConfigError(str(exc)) from None
+        if layout != meta.output_layout:
+            meta = replace(meta, output_layout=layout)
         executor = ThreadPoolExecutor(max_workers=batching.instances, thread_name_prefix=f"ort-{name}")
         stats = ModelStats(name, version)
         batcher = DynamicBatcher(f"{name}:{version}", runtime.run, batching, executor, stats)
         return ServedModel(name, version, runtime, meta, effective, batching, batcher, executor, stats, timeout, reject)
 
     @staticmethod
-    def _warm_up(runtime: OnnxModel, config: mc.ModelConfig, model_dir: Path) -> None:
-        """The configured ``model_warmup`` samples, or zeros at batch 1 and the maximum batch."""
+    def _warm_up(
+        runtime: OnnxModel, config: mc.ModelConfig, model_dir: Path, image_hw: tuple[tuple[int, int] | None, bool]
+    ) -> list[tuple[int, ...]]:
+        """The configured ``model_warmup`` samples, or zeros at batch 1 and the maximum batch; returns the
+        output shapes of the first run."""
         if not config.model_warmup:
             mbs = config.max_batch_size
-            runtime.warmup([1] + ([mbs] if mbs > 1 else []))
-            return
+            return runtime.warmup([1] + ([mbs] if mbs > 1 else []), *image_hw)
+        shapes: list[tuple[int, ...]] = []
         rng = np.random.default_rng(0)
         specs = {s.name: s for s in runtime.inputs}
         for warm in config.model_warmup:
@@ -243,7 +256,9 @@ class ModelRepository:
                 else:
                     feeds[spec.name] = np.zeros(shape, dtype)
             for _ in range(max(1, warm.count)):
-                runtime.run(feeds)
+                outputs = runtime.run(feeds)
+                shapes = shapes or [tuple(outputs[t.name].shape) for t in runtime.outputs]
+        return shapes
 
     # ------------------------------------------------------------------ lifecycle (event loop)
 

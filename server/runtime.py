@@ -116,14 +116,26 @@ class OnnxModel:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run zeros through the graph so the first real request pays no lazy initialisation."""
+    def warmup(
+        self, batch_sizes: Sequence[int] = (1,), image_hw: tuple[int, int] | None = None, nhwc: bool = False
+    ) -> list[tuple[int, ...]]:
+        """Run zeros through the graph so the first real request pays no lazy initialisation; returns the output
+        shapes of the first run. Open height and width of an image input take ``image_hw`` (the model's input
+        size: a YOLO graph needs multiples of its stride), other open dimensions 1."""
+        shapes: list[tuple[int, ...]] = []
         for n in batch_sizes:
             feeds = {}
             for spec in self.inputs:
                 dims = [n if i == 0 and self.batchable else (d if d > 0 else 1) for i, d in enumerate(spec.shape)]
+                if image_hw is not None and len(dims) == 4:
+                    h_axis, w_axis = (1, 2) if nhwc else (2, 3)
+                    for axis, value in ((h_axis, image_hw[0]), (w_axis, image_hw[1])):
+                        if spec.shape[axis] < 0:
+                            dims[axis] = value
                 feeds[spec.name] = np.zeros(dims, dtype=DATATYPES[spec.datatype])
-            self.run(feeds)
+            outputs = self.run(feeds)
+            shapes = shapes or [tuple(outputs[t.name].shape) for t in self.outputs]
+        return shapes
 
 
 def default_threads() -> int:

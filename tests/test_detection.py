@@ -128,7 +128,7 @@ def test_nms_keeps_what_onnxruntime_keeps(n, seed, thr, num_classes):
     box=st.tuples(*[st.floats(0, 1)] * 4),
 )
 def test_letterbox_round_trip(width, height, side, box):
-    from optic.server.tasks.image import Transform, letterbox_geometry
+    from optic.server.tasks.pipelines import Transform, letterbox_geometry
 
     _, nw, nh, px, py = letterbox_geometry(width, height, (side, side))
     assert nw <= side and nh <= side and (nw == side or nh == side)  # fits, and touches two sides

@@ -36,14 +36,15 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     decoded = decode_image(png(img, "JPEG", exif=exif), ImageLimits())
-    assert decoded.size == (20, 40)
+    assert decoded.pixels.shape[:2] == (40, 20) and (decoded.width, decoded.height) == (20, 40)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
 def test_modes_become_rgb(mode):
     img = Image.new(mode, (10, 10))
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    assert decode_image(png(img, fmt), ImageLimits()).mode == "RGB"
+    pixels = decode_image(png(img, fmt), ImageLimits()).pixels
+    assert pixels.shape == (10, 10, 3) and pixels.dtype == np.uint8
 
 
 def test_pixel_bomb_is_refused_before_decoding():
@@ -82,7 +83,8 @@ def test_metadata_round_trip_and_errors():
 def test_ultralytics_metadata_is_understood():
     meta = ModelMeta.from_props({"names": "{0: 'person', 1: 'bicycle'}", "imgsz": "[640, 640]", "task": "detect"})
     assert meta.task == "detection" and meta.labels == ("person", "bicycle")
-    assert meta.input == InputSpec(size=(640, 640), resize="letterbox")
+    assert meta.input == InputSpec(size=(640, 640), resize="letterbox", pipeline="ultralytics")
+    assert meta.output_layout == "yolov8" and meta.detect.iou_threshold == 0.7  # Ultralytics' defaults
 
 
 def test_tensor_codecs():

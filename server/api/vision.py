@@ -138,7 +138,11 @@ class VisionServicer:
         if spec is not None:
             response.input.CopyFrom(
                 pb.InputInfo(
-                    height=spec.size[0], width=spec.size[1], resize=spec.resize, pipeline="optic", color=spec.color
+                    height=spec.size[0],
+                    width=spec.size[1],
+                    resize=spec.resize,
+                    pipeline=spec.pipeline,
+                    color=spec.color,
                 )
             )
         return response

@@ -8,10 +8,12 @@ name. Short and long names are both accepted (``detect`` and ``detection``).
 from __future__ import annotations
 
 from optic.server.metadata import ModelMeta, task_short_name
-from optic.server.tasks import caption, classify, detect, segment
+from optic.server.tasks import caption, classify, detect, instances, segment
 from optic.server.tasks.base import Task
 
-TASKS: dict[str, Task] = {t.name: t for t in (classify.TASK, detect.TASK, segment.TASK, caption.TASK)}
+TASKS: dict[str, Task] = {
+    t.name: t for t in (classify.TASK, detect.TASK, segment.TASK, instances.TASK, caption.TASK)
+}
 
 
 def task_named(name: str) -> Task:

@@ -1,9 +1,12 @@
 """Box maths shared by the box-producing tasks: YOLO output decoding and non-maximum suppression, vectorised.
 
-Two output layouts are understood: YOLOv5's ``[A, 5+C]`` (cx, cy, w, h,
-objectness, class scores) -- which Optic's own detector emits -- and
-Ultralytics YOLOv8/11's ``[4+C, A]`` (cx, cy, w, h, class scores; no
-objectness).
+Three output layouts are understood: YOLOv5's ``[A, 5+C]`` (cx, cy, w, h,
+objectness, class scores), Ultralytics YOLOv8/11's ``[4+C(+M), A]`` (cx, cy,
+w, h, class scores; no objectness; M mask coefficients for segmentation), and
+end-to-end heads' ``[K, 6]`` (x1, y1, x2, y2, score, class: YOLO26/v10 and
+``nms=True`` exports, already suppressed). Thresholds follow Ultralytics: a
+candidate's best class score must be *above* the confidence threshold, and a
+box is suppressed when its IoU with a better one is *above* the IoU threshold.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LAYOUTS = ("yolov5", "yolov8")
+LAYOUTS = ("yolov5", "yolov8", "end2end")
 
 
 @dataclass(frozen=True)
@@ -20,14 +23,30 @@ class Detections:
     boxes: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 in input pixels
     scores: np.ndarray  # (K,) float32
     class_ids: np.ndarray  # (K,) int64
+    rows: np.ndarray  # (K,) int64: each detection's anchor in the model's output (instance masks use it)
+
+    def take(self, keep: np.ndarray) -> Detections:
+        return Detections(self.boxes[keep], self.scores[keep], self.class_ids[keep], self.rows[keep])
 
 
-def candidates(pred: np.ndarray, layout: str, conf_threshold: float) -> Detections:
-    """One image's raw output -> boxes whose best class confidence passes the threshold."""
+def candidates(pred: np.ndarray, layout: str, conf_threshold: float, num_classes: int = 0) -> Detections:
+    """One image's raw output -> boxes whose best class score is above the threshold.
+
+    ``num_classes`` separates class scores from what follows them (YOLOv8-seg's
+    mask coefficients); 0 means every column after the box is a class score.
+    """
+    if layout == "end2end":
+        scores = pred[:, 4]
+        keep = np.flatnonzero(scores > conf_threshold)
+        return Detections(
+            pred[keep, :4].astype(np.float32),
+            scores[keep].astype(np.float32),
+            pred[keep, 5].astype(np.int64),
+            keep.astype(np.int64),
+        )
     if layout == "yolov8":
         pred = pred.T
-        box, cls = pred[:, :4], pred[:, 4:]
-        scores_all = cls
+        box, scores_all = pred[:, :4], pred[:, 4 : 4 + num_classes] if num_classes else pred[:, 4:]
     elif layout == "yolov5":
         box, obj, cls = pred[:, :4], pred[:, 4:5], pred[:, 5:]
         scores_all = obj * cls
@@ -35,10 +54,12 @@ def candidates(pred: np.ndarray, layout: str, conf_threshold: float) -> Detectio
         raise ValueError(f"unknown detection layout {layout!r}; expected one of {LAYOUTS}")
     class_ids = scores_all.argmax(1)
     scores = scores_all[np.arange(len(scores_all)), class_ids]
-    keep = scores >= conf_threshold
+    keep = np.flatnonzero(scores > conf_threshold)
     box, scores, class_ids = box[keep], scores[keep], class_ids[keep]
     xyxy = np.concatenate([box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2], axis=1)
-    return Detections(xyxy.astype(np.float32), scores.astype(np.float32), class_ids.astype(np.int64))
+    return Detections(
+        xyxy.astype(np.float32), scores.astype(np.float32), class_ids.astype(np.int64), keep.astype(np.int64)
+    )
 
 
 def non_max_suppression(
@@ -109,18 +130,21 @@ def detect(
     agnostic: bool = False,
     max_det: int = 300,
     classes: np.ndarray | None = None,
+    num_classes: int = 0,
 ) -> Detections:
-    """Raw output of one image -> final detections in input pixels; ``classes`` keeps only those class ids."""
-    c = candidates(pred, layout, conf_threshold)
+    """Raw output of one image -> final detections in input pixels, best first; ``classes`` keeps only those
+    class ids. End-to-end outputs are already suppressed: they are only thresholded and cut to ``max_det``."""
+    c = candidates(pred, layout, conf_threshold, num_classes)
     if classes is not None and len(classes):
-        wanted = np.isin(c.class_ids, classes)
-        c = Detections(c.boxes[wanted], c.scores[wanted], c.class_ids[wanted])
-    keep = non_max_suppression(c.boxes, c.scores, iou_threshold, None if agnostic else c.class_ids, max_det)
-    return Detections(c.boxes[keep], c.scores[keep], c.class_ids[keep])
+        c = c.take(np.isin(c.class_ids, classes))
+    if layout == "end2end":
+        return c.take(np.arange(min(len(c.scores), max_det)))
+    return c.take(non_max_suppression(c.boxes, c.scores, iou_threshold, None if agnostic else c.class_ids, max_det))
 
 
 def layout_of(shape: tuple[int, ...], declared: str | None, num_classes: int) -> str:
-    """The output layout from metadata, else from the shape: [A, 5+C] is YOLOv5's, [4+C, A] YOLOv8's."""
+    """The output layout from metadata, else from the shape: [A, 5+C] is YOLOv5's, [4+C, A] YOLOv8's (importing
+    a model records its layout, after checking it against a real output)."""
     if declared in LAYOUTS:
         return declared
     if len(shape) == 2 and shape[0] == 4 + num_classes and shape[1] != 5 + num_classes:

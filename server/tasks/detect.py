@@ -26,8 +26,8 @@ MAX_DETECTIONS = 10_000
 class DetectParams:
     """Per-request settings, checked; unset ones take the model's defaults."""
 
-    conf_threshold: float = 0.25
-    iou_threshold: float = 0.45
+    conf_threshold: float
+    iou_threshold: float
     agnostic: bool = False
     max_det: int = 300
     classes: tuple[int, ...] = ()
@@ -61,7 +61,9 @@ class DetectParams:
 
     @classmethod
     def for_model(cls, model: ServedModel) -> DetectParams:
-        return cls()
+        """The model's own defaults (its metadata; Ultralytics models: 0.25 / 0.7 / 300)."""
+        d = model.meta.detect
+        return cls(d.confidence_threshold, d.iou_threshold, False, d.max_detections)
 
     def as_defaults(self) -> dict[str, str]:
         return {

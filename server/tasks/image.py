@@ -1,7 +1,11 @@
-"""Image decoding and the resize/normalise steps every vision task shares.
+"""Image decoding and the normalise step every vision task shares.
 
-Runs in a worker thread: Pillow and numpy release the GIL, so decoding one
-request overlaps with inference on another.
+Runs in a worker thread: Pillow, OpenCV and numpy release the GIL, so decoding
+one request overlaps with inference on another. Every image's header is read
+(and its size checked against the limits) before any pixel is decoded. The
+decoder is the model's reference: OpenCV's ``imdecode`` for the
+``ultralytics`` pipeline (what its predictor uses), Pillow otherwise; both
+honour EXIF orientation. Resizing is in :mod:`pipelines`.
 """
 
 from __future__ import annotations
@@ -11,13 +15,18 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from optic.server.errors import InvalidArgument
 from optic.server.metadata import InputSpec
+from optic.server.tasks.pipelines import Transform, resize
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+__all__ = ["Transform", "decode_image", "normalize", "prepare", "preprocess"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,18 @@ def cheap_to_decode(data: bytes, limits: ImageLimits) -> bool:
     return width * height <= limits.inline_pixels
 
 
-def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | None = None) -> Image.Image:
-    """Decode, apply EXIF orientation and convert to RGB; ``target`` (h, w) lets JPEG decode at reduced scale."""
+@dataclass(frozen=True)
+class Decoded:
+    """Decoded pixels (H, W, 3) uint8 RGB, and the size the client's image has (after EXIF orientation),
+    which differs from the pixels' when a JPEG was decoded at reduced scale."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The image's header, checked against the limits; no pixel is decoded yet."""
     if not data:
         raise InvalidArgument("image data is empty")
     if len(data) > limits.max_bytes:
@@ -54,23 +73,6 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = img.size
-            if min(width, height) < limits.min_side:
-                raise InvalidArgument(
-                    f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels"
-                )
-            if width * height > limits.max_pixels:
-                raise InvalidArgument(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
-                )
-            if target is not None and img.format == "JPEG":
-                # DCT-domain downscale by 1/2, 1/4 or 1/8 while staying >= the target size
-                # (either orientation, since EXIF may rotate it afterwards).
-                side = max(target)
-                img.draft("RGB", (side, side))
-            img.load()
-    except InvalidArgument:
-        raise
     except UnidentifiedImageError:
         raise InvalidArgument(
             f"image data ({len(data)} bytes, starting {data[:8]!r}) is not a JPEG, PNG, WebP or BMP image"
@@ -79,18 +81,57 @@ def decode_image(data: bytes, limits: ImageLimits, target: tuple[int, int] | Non
         raise InvalidArgument(f"image rejected as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
-    rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
-    img = ImageOps.exif_transpose(img)
+    width, height = img.size
+    if min(width, height) < limits.min_side:
+        raise InvalidArgument(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
+    if width * height > limits.max_pixels:
+        raise InvalidArgument(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+    return img
+
+
+def _draft_factor(width: int, height: int, target: tuple[int, int]) -> int:
+    """The largest JPEG DCT downscale (1, 2, 4 or 8) that keeps both sides >= the target's longer side."""
+    side = max(target)
+    factor = 1
+    while factor < 8 and min(width, height) // (factor * 2) >= side:
+        factor *= 2
+    return factor
+
+
+def decode_image(data: bytes, limits: ImageLimits, spec: InputSpec | None = None) -> Decoded:
+    """Check, then decode with the model's reference decoder; ``spec.decode == "draft"`` allows a JPEG to decode
+    at reduced scale (never below the model's input size)."""
+    img = _open(data, limits)
+    draft = spec is not None and spec.decode == "draft" and img.format == "JPEG"
+    try:
+        rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        width, height = (img.height, img.width) if rotated else (img.width, img.height)
+        if spec is not None and spec.pipeline == "ultralytics":
+            factor = _draft_factor(img.width, img.height, spec.size) if draft else 1
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED.get(factor, cv2.IMREAD_COLOR))  # EXIF applied
+            if bgr is None:
+                raise InvalidArgument(f"image could not be decoded by OpenCV, this model's decoder ({img.format})")
+            return Decoded(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), width, height)
+        if draft:
+            assert spec is not None
+            side = max(spec.size)
+            img.draft("RGB", (side, side))  # DCT-domain downscale, staying >= the target in either orientation
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidArgument(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit grey (PNG): keep the high byte, as Pillow itself does for 16-bit RGB; convert() would clip
-        # every value above 255 to white.
-        wide = np.asarray(img).astype(np.int64).clip(0, 65535)
-        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+        # every value above 255 to white. In place, on the 16/32-bit plane Pillow gives: no wider copy.
+        plane = np.array(img)
+        np.clip(plane, 0, 65535, out=plane)
+        np.right_shift(plane, 8, out=plane)
+        img = Image.fromarray(plane.astype(np.uint8), "L")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    # The size before any JPEG draft downscale, as the client sees the image (after orientation).
-    img.info["optic.original_size"] = (height, width) if rotated else (width, height)
-    return img
+    return Decoded(np.asarray(img), width, height)
 
 
 @dataclass(frozen=True)
@@ -106,7 +147,7 @@ class RawPixels:
 ImageSource = bytes | RawPixels
 
 
-def decode_raw(raw: RawPixels, limits: ImageLimits) -> Image.Image:
+def decode_raw(raw: RawPixels, limits: ImageLimits) -> Decoded:
     if raw.channels not in (3, 4):
         raise InvalidArgument(
             f"raw image has {raw.channels} channel(s); models take RGB, so send 3 (RGB) or 4 (RGBA) channels"
@@ -125,57 +166,7 @@ def decode_raw(raw: RawPixels, limits: ImageLimits) -> Image.Image:
             f"raw image {raw.height}x{raw.width}x{raw.channels} needs {expected} bytes, got {len(raw.pixels)}"
         )
     array = np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, raw.channels)
-    return Image.fromarray(np.ascontiguousarray(array[..., :3]), "RGB")
-
-
-@dataclass(frozen=True)
-class Transform:
-    """Where the model's input came from in the original image: input = original * scale + pad."""
-
-    width: int  # original (after EXIF orientation)
-    height: int
-    scale_x: float
-    scale_y: float
-    pad_x: float
-    pad_y: float
-
-    def to_original(self, boxes: np.ndarray) -> np.ndarray:
-        """(K, 4) xyxy boxes in model-input pixels -> original pixels, clipped to the image."""
-        out = np.empty_like(boxes, dtype=np.float32)
-        out[:, 0::2] = (boxes[:, 0::2] - self.pad_x) / self.scale_x
-        out[:, 1::2] = (boxes[:, 1::2] - self.pad_y) / self.scale_y
-        out[:, 0::2] = out[:, 0::2].clip(0, self.width)
-        out[:, 1::2] = out[:, 1::2].clip(0, self.height)
-        return out
-
-
-
-def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[float, int, int, int, int]:
-    """Scale keeping aspect ratio to fit ``size`` (h, w), centred: (scale, new_w, new_h, pad_x, pad_y)."""
-    th, tw = size
-    r = min(tw / width, th / height)
-    nw, nh = max(1, round(width * r)), max(1, round(height * r))
-    return r, nw, nh, (tw - nw) // 2, (th - nh) // 2
-
-
-def resize_with_transform(img: Image.Image, spec: InputSpec) -> tuple[Image.Image, Transform]:
-    """Bring the image to the model's input size by the model's resize mode, remembering how."""
-    height, width = spec.size
-    w0, h0 = img.size
-    if (w0, h0) == (width, height):
-        return img, Transform(w0, h0, 1.0, 1.0, 0.0, 0.0)
-    if spec.resize == "stretch":
-        stretched = img.resize((width, height), Image.Resampling.BILINEAR)
-        return stretched, Transform(w0, h0, width / w0, height / h0, 0.0, 0.0)
-    if spec.resize == "center_crop":
-        r = max(width / w0, height / h0)
-        out = ImageOps.fit(img, (width, height), Image.Resampling.BILINEAR)
-        return out, Transform(w0, h0, r, r, (width - w0 * r) / 2, (height - h0 * r) / 2)
-    r, nw, nh, px, py = letterbox_geometry(w0, h0, spec.size)
-    canvas = Image.new("RGB", (width, height), (spec.pad_value,) * 3)
-    canvas.paste(img.resize((nw, nh), Image.Resampling.BILINEAR), (px, py))
-    return canvas, Transform(w0, h0, nw / w0, nh / h0, float(px), float(py))
-
+    return Decoded(np.ascontiguousarray(array[..., :3]), raw.width, raw.height)
 
 
 @dataclass(frozen=True)
@@ -188,30 +179,43 @@ class Prepared:
     preprocess_seconds: float
 
 
+def preprocess(pixels: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Transform]:
+    """Decoded (H, W, 3) uint8 RGB -> the model's input tensor (C, H, W) and its transform.
+
+    The export stage trains through this same function, so serving cannot
+    drift from training.
+    """
+    resized, transform = resize(pixels, spec)
+    return normalize(resized, spec), transform
+
+
 def prepare(source: ImageSource, spec: InputSpec, limits: ImageLimits) -> Prepared:
     """Encoded bytes or raw pixels -> model input tensor (C, H, W) and its transform."""
     started = time.perf_counter()
-    img = decode_raw(source, limits) if isinstance(source, RawPixels) else decode_image(source, limits, spec.size)
-    decoded = time.perf_counter()
-    resized, t = resize_with_transform(img, spec)
-    w0, h0 = img.info.get("optic.original_size", img.size)
+    decoded = decode_raw(source, limits) if isinstance(source, RawPixels) else decode_image(source, limits, spec)
+    done = time.perf_counter()
+    tensor, t = preprocess(decoded.pixels, spec)
+    h, w = decoded.pixels.shape[:2]
     # Compose with the decoder's own downscale, so answers map back to the client's pixels.
-    dx, dy = img.width / w0, img.height / h0
-    transform = Transform(w0, h0, t.scale_x * dx, t.scale_y * dy, t.pad_x, t.pad_y)
-    tensor = normalize(np.asarray(resized), spec)
-    return Prepared(tensor, transform, decoded - started, time.perf_counter() - decoded)
+    transform = t.scaled(w / decoded.width, h / decoded.height, decoded.width, decoded.height)
+    return Prepared(tensor, transform, done - started, time.perf_counter() - done)
 
 
 def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(..., H, W, 3) uint8 RGB -> float32 in the model's layout, scaled and standardised.
 
-    The export stage trains through this same function, so serving cannot drift
-    from training.
+    A scale of 1/N is applied as a division by N, as torchvision and
+    Ultralytics do (``x / 255``): multiplying by the rounded reciprocal
+    differs in the last bit for some values.
     """
     x = pixels.astype(np.float32)
     if spec.color == "BGR":
         x = x[..., ::-1]
-    x *= np.float32(spec.scale)
+    inverse = 1.0 / spec.scale
+    if inverse == round(inverse):
+        x /= np.float32(inverse)
+    else:
+        x *= np.float32(spec.scale)
     x -= np.asarray(spec.mean, dtype=np.float32)
     x /= np.asarray(spec.std, dtype=np.float32)
     if spec.layout == "NCHW":

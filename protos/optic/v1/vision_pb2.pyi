@@ -155,18 +155,28 @@ class DetectFrameResult(_message.Message):
     def __init__(self, frame_id: _Optional[int] = ..., response: _Optional[_Union[DetectResponse, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "model_version", "image", "images", "return_rle")
+    __slots__ = ("model", "model_version", "image", "images", "return_rle", "confidence_threshold", "iou_threshold", "max_detections", "class_agnostic", "class_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     RETURN_RLE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_AGNOSTIC_FIELD_NUMBER: _ClassVar[int]
+    CLASS_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     image: Image
     images: _containers.RepeatedCompositeFieldContainer[Image]
     return_rle: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., return_rle: _Optional[bool] = ...) -> None: ...
+    confidence_threshold: float
+    iou_threshold: float
+    max_detections: int
+    class_agnostic: bool
+    class_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., return_rle: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., class_agnostic: _Optional[bool] = ..., class_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClassMask(_message.Message):
     __slots__ = ("class_id", "label", "pixel_count", "rle_counts")
@@ -180,17 +190,45 @@ class ClassMask(_message.Message):
     rle_counts: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, class_id: _Optional[int] = ..., label: _Optional[str] = ..., pixel_count: _Optional[int] = ..., rle_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Instance(_message.Message):
+    __slots__ = ("box", "score", "class_id", "label", "mask_png", "mask_x", "mask_y", "mask_width", "mask_height", "pixel_count", "rle_counts")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    MASK_PNG_FIELD_NUMBER: _ClassVar[int]
+    MASK_X_FIELD_NUMBER: _ClassVar[int]
+    MASK_Y_FIELD_NUMBER: _ClassVar[int]
+    MASK_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RLE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    score: float
+    class_id: int
+    label: str
+    mask_png: bytes
+    mask_x: int
+    mask_y: int
+    mask_width: int
+    mask_height: int
+    pixel_count: int
+    rle_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., class_id: _Optional[int] = ..., label: _Optional[str] = ..., mask_png: _Optional[bytes] = ..., mask_x: _Optional[int] = ..., mask_y: _Optional[int] = ..., mask_width: _Optional[int] = ..., mask_height: _Optional[int] = ..., pixel_count: _Optional[int] = ..., rle_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class SegmentResult(_message.Message):
-    __slots__ = ("mask_png", "width", "height", "classes")
+    __slots__ = ("mask_png", "width", "height", "classes", "instances")
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     mask_png: bytes
     width: int
     height: int
     classes: _containers.RepeatedCompositeFieldContainer[ClassMask]
-    def __init__(self, mask_png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassMask, _Mapping]]] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    def __init__(self, mask_png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassMask, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
     __slots__ = ("model", "model_version", "results")

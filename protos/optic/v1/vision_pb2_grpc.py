@@ -84,7 +84,9 @@ class VisionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Segment(self, request, context):
-        """Semantic segmentation: a per-pixel class map at the original image size.
+        """Segmentation. A semantic model (e.g. an FCN) answers a per-pixel class map
+        at the original image size; an instance model (e.g. YOLOv8-seg) answers
+        one box, class, score and mask per object.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
