@@ -1,6 +1,19 @@
-"""Admission control for the gRPC port: a bounded number of calls in flight, and undecodable requests refused.
+"""Admission control for the gRPC port: bounded calls, request bytes, stream items and open streams.
 
 Runs as a ``grpc.aio`` server interceptor, before a request reaches a servicer.
+Three budgets, each with its own RESOURCE_EXHAUSTED message:
+
+- unary calls and stream items in flight share ``max_inflight`` (a stream
+  item takes its slot when it is read, not when the stream opens, so idle
+  streams hold none), and the unary calls' requests share ``max_inflight_bytes``
+  (a lone call always fits: the message size limit bounds it);
+- open streaming calls (ModelStreamInfer, DetectStream, health Watch,
+  reflection) are bounded by ``max_streams``;
+- health Check, reflection and KServe ServerLive/ServerReady never wait for
+  a slot: probes must get through an overloaded server.
+
+The counts are exported as ``optic_admission_inflight{kind}`` so exhaustion
+shows on dashboards.
 """
 
 from __future__ import annotations
@@ -12,11 +25,16 @@ from typing import Any
 
 import grpc
 
-from optic.server.handlers import Continuation, behaviour_of, count_refusal, rebuild, service_of
-from optic.server.security import OPEN_GROUPS
+from optic.server.handlers import Continuation, behaviour_of, count_refusal, fail, rebuild
+from optic.server.metrics import ADMISSION_INFLIGHT, ADMISSION_LIMIT
 
-# Never counted against --max-inflight: probes and tooling must get through an overloaded server.
-EXEMPT = OPEN_GROUPS["health"] + OPEN_GROUPS["reflection"]
+# Calls that never take a slot (method-name prefixes).
+EXEMPT = (
+    "/grpc.health.v1.Health/Check",
+    "/grpc.reflection.",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 
 
 @dataclass(frozen=True)
@@ -42,65 +60,121 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class Admission(grpc.aio.ServerInterceptor):
-    """At most ``limit`` calls in flight; more get RESOURCE_EXHAUSTED at once instead of queueing unseen.
+    def __init__(self, max_inflight: int, max_streams: int, max_inflight_bytes: int = 1 << 62) -> None:
+        self.max_inflight, self.max_streams, self.max_bytes = max_inflight, max_streams, max_inflight_bytes
+        self.inflight = 0  # unary calls + stream items
+        self.streams = 0
+        self.bytes = 0  # request bytes of the unary calls in flight
+        ADMISSION_LIMIT.labels("inflight").set(max_inflight)
+        ADMISSION_LIMIT.labels("streams").set(max_streams)
+        ADMISSION_LIMIT.labels("bytes").set(max_inflight_bytes)
+        self._gauges = {k: ADMISSION_INFLIGHT.labels(k) for k in ("inflight", "streams", "bytes")}
+        self._publish()
 
-    The per-model queues bound what waits for a model; this bounds everything
-    before them (requests decoding images, waiting for a worker thread), so
-    memory under overload is bounded by ``limit`` times the message limit.
-    Unary requests that are not valid protobuf get INVALID_ARGUMENT here.
-    """
+    def _publish(self) -> None:
+        self._gauges["inflight"].set(self.inflight)
+        self._gauges["streams"].set(self.streams)
+        self._gauges["bytes"].set(self.bytes)
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.inflight = 0
+    # ------------------------------------------------------------------ slots (also used by stream items)
+
+    def enter(self, size: int = 0) -> str | None:
+        """Take a slot for a call (or stream item) whose request is ``size`` bytes; None, or why not."""
+        if self.inflight and self.bytes + size > self.max_bytes:  # a lone call always fits (<= the message cap)
+            return f"server holds its limit of {self.max_bytes / 2**20:g} MB of requests in flight (--max-inflight-mb)"
+        if self.inflight >= self.max_inflight:
+            return f"server is at its limit of {self.max_inflight} calls in flight (--max-inflight)"
+        self.inflight += 1
+        self.bytes += size
+        self._publish()
+        return None
+
+    def leave(self, size: int = 0) -> None:
+        self.inflight -= 1
+        self.bytes -= size
+        self._publish()
+
+    # ------------------------------------------------------------------ the interceptor
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or service_of(method).startswith(EXEMPT):
+        if handler is None:
+            return handler
+        streaming = handler.request_streaming or handler.response_streaming
+        if method.startswith(EXEMPT) and not streaming:
             return handler
         behaviour = behaviour_of(handler)
         deserializer = handler.request_deserializer
         if not handler.request_streaming:
             deserializer = _tolerant(deserializer)
+        if streaming:
+            return rebuild(handler, self._stream(method, behaviour), deserializer)
+
+        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self._undecodable(method, request, context):
+                return None
+            size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+            refused = self.enter(size)
+            if refused is not None:
+                count_refusal(method, "RESOURCE_EXHAUSTED")
+                fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refused + "; retry with backoff")
+                return None
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.leave(size)
+
+        return rebuild(handler, admitted, deserializer)
+
+    def _stream(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        """A streaming call holds a stream slot for its life (its items take call slots in the servicer)."""
+
+        def opened(request: Any, context: grpc.aio.ServicerContext) -> bool:
+            if self._undecodable(method, request, context):
+                return False
+            if self.streams >= self.max_streams:
+                count_refusal(method, "RESOURCE_EXHAUSTED")
+                message = f"server is at its limit of {self.max_streams} open streams (--max-streams); retry"
+                fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message + " with backoff")
+                return False
+            self.streams += 1
+            self._publish()
+            return True
+
+        def closed() -> None:
+            self.streams -= 1
+            self._publish()
 
         if inspect.isasyncgenfunction(behaviour):
 
             async def admitted_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._admit(method, request, context)
+                if not opened(request, context):
+                    return
                 try:
                     async for item in behaviour(request, context):
                         yield item
                 finally:
-                    self.inflight -= 1
+                    closed()
 
-            return rebuild(handler, admitted_stream, deserializer)
+            return admitted_stream
 
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._admit(method, request, context)
+        async def admitted_unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not opened(request, context):
+                return None
             try:
                 return await behaviour(request, context)
             finally:
-                self.inflight -= 1
+                closed()
 
-        return rebuild(handler, admitted, deserializer)
+        return admitted_unary_response
 
-    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        """Take an in-flight slot (released by the caller) or abort the call."""
+    @staticmethod
+    def _undecodable(method: str, request: Any, context: grpc.aio.ServicerContext) -> bool:
         if isinstance(request, _Undecodable):
             count_refusal(method, "INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if not self._enter():
-            count_refusal(method, "RESOURCE_EXHAUSTED")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server is at its limit of {self.limit} calls in flight (--max-inflight); retry with backoff",
-            )
-
-    def _enter(self) -> bool:
-        if self.inflight >= self.limit:
-            return False
-        self.inflight += 1
-        return True
+            fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return True
+        return False

@@ -8,10 +8,13 @@ in-flight requests and then return normally.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -25,13 +28,16 @@ from optic.proto.pool import POOL
 from optic.server import defaults
 from optic.server.admission import Admission
 from optic.server.api.kserve import KServeServicer
+from optic.server.api.streams import StreamLimits
 from optic.server.api.vision import VisionServicer
-from optic.server.metrics import serve_metrics
+from optic.server.limits import ConnectionLimits, max_concurrent_rpcs, worst_case_memory
+from optic.server.metrics_http import MetricsServer
 from optic.server.probes import LIVENESS_SERVICE, READINESS_SERVICE
 from optic.server.repository import ModelRepository
 from optic.server.runtime import RuntimeOptions, default_threads
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import SecurityConfig, TokenAuth, load_tokens, server_credentials
+from optic.server.tasks.fair import CallLimits, FairExecutor
 from optic.server.tasks.image import ImageLimits
 
 log = logging.getLogger(__name__)
@@ -47,9 +53,15 @@ class ServerConfig:
     grpc_port: int = defaults.GRPC_PORT
     metrics_port: int = defaults.METRICS_PORT  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
+    metrics_max_connections: int = 16  # open /metrics connections; more are closed on arrival
+    metrics_timeout: float = 5.0  # seconds a /metrics client gets to send its request and take the answer
+    metrics_token: bool = False  # require the --auth-token-file token on /metrics too
+    load_timeout: float = 120.0  # seconds for a model load (sessions + warm-up) before it is abandoned
+    load_threads: int = 2  # model loads at once
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    call_limits: CallLimits = field(default_factory=CallLimits)  # pixels, mask pixels, RLE runs per call
     max_message_bytes: int = 64 * 1024 * 1024
     preprocess_threads: int = 0  # 0: one per usable core
     grace_seconds: float = 30.0
@@ -58,7 +70,11 @@ class ServerConfig:
     poll_seconds: float = 5.0
     queue_timeout: float | None = None  # default queue policy timeout (s) where config.pbtxt sets none
     security: SecurityConfig = field(default_factory=SecurityConfig)
-    max_inflight: int = defaults.MAX_INFLIGHT  # calls in flight before new ones get RESOURCE_EXHAUSTED (health exempt)
+    max_inflight: int = defaults.MAX_INFLIGHT  # calls + stream items in flight before RESOURCE_EXHAUSTED
+    max_streams: int = 128  # open streaming calls (ModelStreamInfer, DetectStream, health Watch, reflection)
+    max_inflight_bytes: int = 1 << 30  # request bytes of the unary calls in flight
+    streams: StreamLimits = field(default_factory=StreamLimits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     allow_non_finite: bool = False  # KServe: accept NaN/Inf in float input tensors
     health_port: int = 0  # plaintext, health-only port for probes when the main port needs TLS or a token
 
@@ -85,6 +101,8 @@ class OpticServer:
             startup_models=config.startup_models,
             poll_seconds=config.poll_seconds,
             queue_timeout=config.queue_timeout,
+            load_timeout=config.load_timeout,
+            load_threads=config.load_threads,
         )
         self.health = health.aio.HealthServicer()
         self.draining = False
@@ -97,22 +115,35 @@ class OpticServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *config.connections.grpc_options(),
         ]
         self.credentials = server_credentials(config.security)
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.security.token_file is not None:
             tokens = load_tokens(config.security.token_file)
             interceptors.append(TokenAuth(tokens, config.security.open_services))
-        interceptors.append(Admission(config.max_inflight))
-        self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
+        self.admission = Admission(config.max_inflight, config.max_streams, config.max_inflight_bytes)
+        interceptors.append(self.admission)
+        self.grpc = grpc.aio.server(
+            options=options,
+            interceptors=interceptors,
+            # Beyond admission's budgets gRPC itself refuses, before reading the request: bounds the calls in receipt.
+            maximum_concurrent_rpcs=max_concurrent_rpcs(config.max_inflight, config.max_streams),
+        )
         self.health_grpc: grpc.aio.Server | None = None
+        self.metrics: MetricsServer | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         if config.health_port:
             self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repo, lambda: self.draining, config.allow_non_finite), self.grpc
+            KServeServicer(self.repo, lambda: self.draining, self.admission, config.streams, config.allow_non_finite),
+            self.grpc,
         )
-        self.grpc.add_generic_rpc_handlers((VisionServicer(self.repo, self._pool, config.image_limits).handler(),))
+        fair = FairExecutor(self._pool, config.preprocess_threads or default_threads())
+        call_limits = replace(config.call_limits, max_answer_bytes=config.max_message_bytes)
+        vision = VisionServicer(self.repo, fair, config.image_limits, call_limits, self.admission, config.streams)
+        self.grpc.add_generic_rpc_handlers((vision.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (KSERVE_SERVICE, VISION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc, pool=_pool()
@@ -131,6 +162,20 @@ class OpticServer:
             raise StartupError(f"cannot listen on {address}: the address is in use or cannot be bound")
         return port
 
+    def memory_budget(self) -> dict[str, int]:
+        """:func:`optic.server.limits.worst_case_memory` for this server's flags."""
+        c = self.config
+        return worst_case_memory(
+            max_inflight=c.max_inflight,
+            max_inflight_bytes=c.max_inflight_bytes,
+            max_message_bytes=c.max_message_bytes,
+            max_streams=c.max_streams,
+            stream_window_bytes=c.streams.window_bytes,
+            workers=c.preprocess_threads or default_threads(),
+            max_image_pixels=c.image_limits.max_pixels,
+            max_rle_runs=c.call_limits.max_rle_runs,
+        )
+
     async def _set_health(self, status: int) -> None:
         for service in (READINESS_SERVICE, KSERVE_SERVICE, VISION_SERVICE):
             await self.health.set(service, status)
@@ -144,14 +189,29 @@ class OpticServer:
         if self.health_grpc is not None:
             self._bind(self.health_grpc, f"{self.config.host}:{self.config.health_port}", None)
         if self.config.metrics_port:
+            token_file = self.config.security.token_file
+            tokens = load_tokens(token_file) if self.config.metrics_token and token_file is not None else ()
+            self.metrics = MetricsServer(
+                self.config.metrics_host,
+                self.config.metrics_port,
+                self.config.metrics_max_connections,
+                self.config.metrics_timeout,
+                tokens,
+            )
             try:
-                serve_metrics(self.config.metrics_port, self.config.metrics_host)
+                await self.metrics.start()
             except OSError as exc:
                 where = f"{self.config.metrics_host}:{self.config.metrics_port}"
                 raise StartupError(f"cannot listen on {where} (metrics): {exc.strerror or exc}") from None
         await self.grpc.start()
         if self.health_grpc is not None:
             await self.health_grpc.start()
+        budget = self.memory_budget()
+        log.info(
+            "worst-case memory the limits allow above idle: %.0f MB (calls %.0f, receiving %.0f, streams %.0f, "
+            "images %.0f, rle %.0f); docs/operations.md says which flags lower it",
+            *(budget[k] / 2**20 for k in ("total", "calls", "receiving", "streams", "images", "rle")),
+        )
         sec = self.config.security
         log.info(
             "gRPC on %s:%d (%s%s), metrics on :%d; loading %s",
@@ -162,6 +222,7 @@ class OpticServer:
             self.config.metrics_port,
             self.config.model_repo,
         )
+        self._trimmer = asyncio.get_running_loop().create_task(_trim_forever(), name="malloc-trim")
         await self.repo.start()
         if self.repo.versions or self.config.control_mode == "explicit":
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -174,25 +235,83 @@ class OpticServer:
             await self._stopped.wait()
             return
         self.draining = True
+        try:
+            await self._drain(grace)
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
+            log.info("stopped")
+
+    async def _drain(self, grace: float | None) -> None:
+        grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         # Readiness off; liveness stays SERVING, so a pod that drains cleanly is never restarted for it.
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc.stop(self.config.grace_seconds if grace is None else grace)
+        await self.grpc.stop(grace)
         if self.health_grpc is not None:
             await self.health_grpc.stop(0)
-        await self.repo.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._stopped.set()
-        log.info("stopped")
+        try:
+            await asyncio.wait_for(self.repo.close(), max(0.5, deadline - time.monotonic()))
+        except TimeoutError:
+            # Past the grace period: stop every run still going (a model stuck in a loop included).
+            log.warning("models still running after the %.0f s grace period: stopping their runs", grace)
+            self.repo.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.repo.close(), 5.0)
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
 
     async def serve_forever(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
+        starting = asyncio.ensure_future(self.start())
+        stopping: list[asyncio.Future[None]] = []
+
+        def on_signal() -> None:
+            if not starting.done():  # still loading models: stop loading (their runs are stopped too), then drain
+                starting.cancel()
+            stopping.append(asyncio.ensure_future(self.stop()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
         await self._stopped.wait()
 
 
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def _return_freed_memory() -> None:
+    """glibc's allocator raises its mmap threshold after large blocks are freed, and then keeps later large
+    buffers (request messages, images, tensors) in its heap after they are freed: a burst of big requests leaves
+    the process big. A fixed threshold of 1 MiB keeps every large buffer in its own mapping, returned on free."""
+    libc = _glibc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_trim_threshold, 8 << 20)
+
+
+async def _trim_forever(seconds: float = 5.0) -> None:
+    """Hand the pages of freed small blocks (gRPC reads big messages in many small slices) back to the system
+    every few seconds; without it, refused and finished big requests leave the heaps large."""
+    libc = _glibc()
+    if libc is None:
+        return
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(libc.malloc_trim, 0)
+
+
 def run(config: ServerConfig) -> None:
+    _return_freed_memory()
+
     async def main() -> None:
         # Built inside the loop: grpc.aio and the health servicer bind to the running loop.
         await OpticServer(config).serve_forever()

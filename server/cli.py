@@ -6,10 +6,13 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from optic.server import defaults
-from optic.server.logs import EscapingFormatter
+from optic.server.api.streams import StreamLimits
+from optic.server.limits import ConnectionLimits
+from optic.server.logs import EscapingFormatter, RateLimit
 from optic.server.runtime import DEVICES, RuntimeOptions, providers_for
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import (
@@ -19,6 +22,7 @@ from optic.server.security import (
     load_tokens,
     server_credentials,
 )
+from optic.server.tasks.fair import CallLimits
 from optic.server.tasks.image import ImageLimits
 
 
@@ -79,7 +83,84 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-inflight",
         type=int,
         default=defaults.MAX_INFLIGHT,
-        help="calls in flight before new ones get RESOURCE_EXHAUSTED (health and reflection exempt)",
+        help="unary calls + stream items in flight before new ones get RESOURCE_EXHAUSTED (probes exempt)",
+    )
+    b = p.add_argument_group("bounds (docs/operations.md has the memory formula)")
+    b.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=1024.0,
+        help="request megabytes of the unary calls in flight; more get RESOURCE_EXHAUSTED",
+    )
+    b.add_argument("--max-streams", type=int, default=128, help="open streaming calls (Watch and reflection included)")
+    b.add_argument("--stream-window", type=int, default=StreamLimits.window, help="items of one stream in flight")
+    b.add_argument(
+        "--stream-window-mb",
+        type=float,
+        default=StreamLimits.window_bytes / 2**20,
+        help="request + unwritten answer bytes one stream may hold; then it is not read until answers are taken",
+    )
+    b.add_argument(
+        "--stream-idle-seconds",
+        type=float,
+        default=StreamLimits.idle_seconds,
+        help="a stream with nothing in flight and no request for this long ends (DEADLINE_EXCEEDED)",
+    )
+    b.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=ConnectionLimits.max_streams_per_connection,
+        help="HTTP/2 concurrent streams per connection (further calls wait in the client)",
+    )
+    b.add_argument(
+        "--max-connection-idle-seconds",
+        type=float,
+        default=ConnectionLimits.max_idle_seconds,
+        help="close a connection with no call for this long",
+    )
+    b.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        default=ConnectionLimits.max_age_seconds,
+        help="close every connection after this long (clients reconnect; long Watch streams are recycled)",
+    )
+    b.add_argument(
+        "--keepalive-seconds",
+        type=float,
+        default=ConnectionLimits.keepalive_seconds,
+        help="ping a quiet connection this often; one whose peer does not answer is closed",
+    )
+    b.add_argument(
+        "--max-call-pixels",
+        type=int,
+        default=CallLimits.max_call_pixels,
+        help="pixels of all images of one call, checked from their headers before any decoding",
+    )
+    b.add_argument(
+        "--max-output-pixels",
+        type=int,
+        default=CallLimits.max_output_pixels,
+        help="mask pixels one Segment call may ask for, checked before any is computed",
+    )
+    b.add_argument("--max-rle-runs", type=int, default=CallLimits.max_rle_runs, help="RLE counts in one answer at most")
+    b.add_argument(
+        "--model-load-timeout-seconds",
+        type=float,
+        default=120.0,
+        help="a model load (sessions + warm-up) that takes longer is abandoned and its runs stopped",
+    )
+    b.add_argument("--model-load-threads", type=int, default=2, help="models loaded at once")
+    b.add_argument(
+        "--metrics-max-connections", type=int, default=16, help="open /metrics connections; more are closed at once"
+    )
+    b.add_argument(
+        "--metrics-timeout-seconds",
+        type=float,
+        default=5.0,
+        help="a /metrics client must send its request and take the answer within this",
+    )
+    b.add_argument(
+        "--metrics-token", action="store_true", help="require the --auth-token-file bearer token on /metrics too"
     )
     p.add_argument(
         "--allow-non-finite", action="store_true", help="KServe: accept NaN/Inf in float inputs (otherwise refused)"
@@ -125,6 +206,22 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_message_mb": (0.01, 2047),
     "grace_seconds": (0, 3600),
     "max_inflight": (1, 1_000_000),
+    "max_streams": (1, 1_000_000),
+    "max_inflight_mb": (1, 10**7),
+    "stream_window": (1, 4096),
+    "stream_window_mb": (0.01, 2047),
+    "stream_idle_seconds": (0.1, 86_400),
+    "max_streams_per_connection": (1, 100_000),
+    "max_connection_idle_seconds": (1, 10**7),
+    "max_connection_age_seconds": (1, 10**7),
+    "keepalive_seconds": (1, 10**7),
+    "max_call_pixels": (64, 10**10),
+    "max_output_pixels": (64, 10**10),
+    "max_rle_runs": (1, 10**9),
+    "model_load_timeout_seconds": (0.1, 86_400),
+    "model_load_threads": (1, 64),
+    "metrics_max_connections": (1, 10_000),
+    "metrics_timeout_seconds": (0.1, 3600),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -188,7 +285,25 @@ def serve(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight,
         health_port=args.health_port,
         allow_non_finite=args.allow_non_finite,
+        max_streams=args.max_streams,
+        max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+        streams=StreamLimits(args.stream_window, int(args.stream_window_mb * 2**20), args.stream_idle_seconds),
+        connections=ConnectionLimits(
+            max_streams_per_connection=args.max_streams_per_connection,
+            keepalive_seconds=args.keepalive_seconds,
+            max_idle_seconds=args.max_connection_idle_seconds,
+            max_age_seconds=args.max_connection_age_seconds,
+        ),
+        call_limits=CallLimits(args.max_call_pixels, args.max_output_pixels, args.max_rle_runs),
+        load_timeout=args.model_load_timeout_seconds,
+        load_threads=args.model_load_threads,
+        metrics_max_connections=args.metrics_max_connections,
+        metrics_timeout=args.metrics_timeout_seconds,
+        metrics_token=args.metrics_token,
     )
+    if args.metrics_token and args.auth_token_file is None:
+        print("optic serve: --metrics-token needs --auth-token-file", file=sys.stderr)
+        return 2
     try:
         providers_for(args.device)  # --device cuda without CUDA: say so now, not once per model
     except RuntimeError as exc:
@@ -202,6 +317,11 @@ def serve(args: argparse.Namespace) -> int:
     except StartupError as exc:  # a port in use, an address that cannot be bound
         print(f"optic serve: {exc}", file=sys.stderr)
         return 2
+    # Drained. A thread that is still stuck (a session being created cannot be interrupted) must not keep the
+    # process alive past the grace period: the interpreter would wait for it at exit.
+    exit_anyway = threading.Timer(5.0, os._exit, args=(0,))
+    exit_anyway.daemon = True
+    exit_anyway.start()
     return 0
 
 
@@ -242,9 +362,7 @@ def export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optic", description="Serve computer-vision models over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "serve", help="serve a model repository", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = sub.add_parser("serve", help="serve a model repository", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _serve_args(p)
     p.set_defaults(func=serve)
 
@@ -272,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RateLimit())  # no client can make warnings grow past 20 a minute per call site
     level = getattr(args, "log_level", "INFO").upper()
     logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", handlers=[handler])
     try:

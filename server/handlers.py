@@ -7,6 +7,7 @@ kind (unary/stream in, unary/stream out) built with
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,22 +52,42 @@ def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
     if handler.response_streaming:
 
         async def refuse_stream(_: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(code, message)
-            yield  # pragma: no cover - an async generator for grpc, never reached
+            fail(context, code, message)
+            return
+            yield  # an async generator for grpc, ending at once
 
         return rebuild(handler, refuse_stream, _ignore)
 
     async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        fail(context, code, message)
 
     return rebuild(handler, refuse, _ignore)
-
-
-def service_of(method: str) -> str:
-    """``/pkg.Service/Method`` -> ``pkg.Service``."""
-    return method.split("/")[1] if method.count("/") >= 2 else ""
 
 
 def count_refusal(method: str, code: str) -> None:
     """Refusals before any servicer runs are counted like answered calls (model label "")."""
     REQUESTS.labels("", method.rsplit("/", 1)[-1], code).inc()
+
+
+def fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` without raising: ``context.abort`` raises an exception whose traceback holds
+    the handler frames, gRPC's own frames keep it in a reference cycle, and the cycle keeps the request (a
+    refused 60 MB message) in memory until the next full garbage collection."""
+    context.set_code(code)
+    context.set_details(message)
+
+
+def forget(exc: BaseException) -> None:
+    """Drop the locals of the frames an answered error passed through (and of its causes).
+
+    An exception raised in post-processing holds, through its traceback, the frames that held the arrays it
+    was working on (a 10 Mpx class map and its run-length scratch); asyncio's futures and the gather that
+    awaited them put it in a reference cycle, so they would stay until a full garbage collection: +260 MB
+    after 50 refused striped images. Executing frames are skipped by :func:`traceback.clear_frames`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__

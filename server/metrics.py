@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -61,6 +61,14 @@ INFERENCES = Counter(
 QUEUE_SIZE = Gauge("optic_queue_size", "Requests waiting in the batching queue.", ["model", "version"])
 INFLIGHT = Gauge("optic_inflight_requests", "Requests being handled now.", ["model"])
 MODEL_READY = Gauge("optic_model_ready", "1 when the model version is loaded and serving.", ["model", "version"])
+ADMISSION_INFLIGHT = Gauge(
+    "optic_admission_inflight",
+    "What admission control counts now: inflight = unary calls + stream items, streams = open streaming calls.",
+    ["kind"],
+)
+ADMISSION_LIMIT = Gauge(
+    "optic_admission_limit", "Admission limits (--max-inflight, --max-streams), for alerting on the ratio.", ["kind"]
+)
 MODEL_LOAD_FAILURES = Counter("optic_model_load_failures", "Failed attempts to load a model version.", ["model"])
 
 
@@ -133,8 +141,3 @@ class ModelStats:
         for gauge in (QUEUE_SIZE, MODEL_READY):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.model, self.version)
-
-
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Start the /metrics HTTP endpoint on a daemon thread."""
-    start_http_server(port, addr=host)

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from optic.server.errors import NotFound, OpticError, Unavailable
 from optic.server.metadata import MODEL_NAME, ModelMeta
 from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
 from optic.server.outputs import OutputMismatch, check_outputs
+from optic.server.overrides import LoadOverride
 from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
 from optic.server.scheduler import BatchingConfig, DynamicBatcher, Tensors
 from optic.server.tensors import DATATYPES
@@ -42,13 +44,48 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 CONTROL_MODES = ("none", "explicit", "poll")
 _PLAIN_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION = re.compile(r"^[0-9]{1,18}$")
 
 
 class LoadFailed(OpticError):
     code = "INVALID_ARGUMENT"  # Triton's status for a model that cannot be loaded
 
 
-@dataclass
+class LoadTimeout(RuntimeError):
+    """A load (session creation and warm-up) that outlived --model-load-timeout."""
+
+
+class _Ticket:
+    """One load's sessions, so an abandoned load can stop their runs from the event loop."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._models: list[OnnxModel] = []
+        self._lock = threading.Lock()
+
+    def track(self, model: OnnxModel) -> OnnxModel:
+        with self._lock:
+            self._models.append(model)
+            if self.cancelled:
+                model.terminate()
+        return model
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            for model in self._models:
+                model.terminate()
+
+
+def _discard(work: asyncio.Future[dict[str, ServedModel]]) -> None:
+    """An abandoned load that finished after all: drop what it built."""
+    if work.cancelled() or work.exception() is not None:
+        return
+    for model in work.result().values():
+        model.executor.shutdown(wait=False)
+
+
+@dataclass(eq=False)  # identity: versions are kept in sets while they retire
 class ServedModel:
     name: str
     version: str
@@ -108,6 +145,7 @@ class ModelState:
     error: str = ""  # the last load's failure, "" when it succeeded
     failed_versions: tuple[str, ...] = ()
     reason: str = ""  # why nothing is loaded (unloaded, not requested)
+    override: LoadOverride | None = None  # the RepositoryModelLoad overrides the serving versions came from
 
 
 @dataclass(frozen=True)
@@ -131,6 +169,8 @@ class ModelRepository:
         startup_models: tuple[str, ...] = ("*",),
         poll_seconds: float = 5.0,
         queue_timeout: float | None = None,
+        load_timeout: float = 120.0,
+        load_threads: int = 2,
     ) -> None:
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode {control_mode!r}; expected one of {', '.join(CONTROL_MODES)}")
@@ -142,9 +182,13 @@ class ModelRepository:
         self.poll_seconds = poll_seconds
         self.versions: dict[str, dict[str, ServedModel]] = {}
         self.states: dict[str, ModelState] = {}
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self.load_timeout = load_timeout  # seconds for a load (sessions + warm-up) before it is abandoned
+        # Loads run in a pool: one model that takes long never holds the others (nor explicit loads) back.
+        self._loader = ThreadPoolExecutor(max_workers=max(1, load_threads), thread_name_prefix="model-loader")
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._retired: set[ServedModel] = set()  # retired, still finishing what they hold
+        self._tickets: set[_Ticket] = set()  # loads in progress
         self._poller: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ discovery
@@ -163,10 +207,12 @@ class ModelRepository:
 
     @staticmethod
     def _version_files(model_dir: Path, filename: str) -> dict[int, Path]:
+        """Version directories: ASCII digits only, as Triton (``str.isdigit`` also takes "²", which ``int`` does
+        not); any other directory is ignored."""
         return {
             int(v.name): v / filename
             for v in model_dir.iterdir()
-            if v.name.isdigit() and len(v.name) < 19 and (v / filename).is_file()
+            if _VERSION.match(v.name) and (v / filename).is_file()
         }
 
     def _signature(self, model_dir: Path) -> tuple:
@@ -180,8 +226,10 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ building (worker thread)
 
-    def _build(self, name: str, model_dir: Path) -> dict[str, ServedModel]:
-        file = cfgmod.read(model_dir)
+    def _build(
+        self, name: str, model_dir: Path, ticket: _Ticket, file: cfgmod.FileConfig | None = None
+    ) -> dict[str, ServedModel]:
+        file = file or cfgmod.read(model_dir)
         if file.ignored:
             log.warning("%s/config.pbtxt: ignoring fields Optic does not support: %s", name, ", ".join(file.ignored))
         filename = file.config.default_model_filename or MODEL_FILE
@@ -193,7 +241,7 @@ class ModelRepository:
         built: dict[str, ServedModel] = {}
         try:
             for number in cfgmod.select_versions(file.config, sorted(available)):
-                built[str(number)] = self._build_version(name, str(number), available[number], file, model_dir)
+                built[str(number)] = self._build_version(name, str(number), available[number], file, model_dir, ticket)
         except Exception:
             for model in built.values():
                 model.executor.shutdown(wait=False)
@@ -201,16 +249,16 @@ class ModelRepository:
         return built
 
     def _build_version(
-        self, name: str, version: str, path: Path, file: cfgmod.FileConfig, model_dir: Path
+        self, name: str, version: str, path: Path, file: cfgmod.FileConfig, model_dir: Path, ticket: _Ticket
     ) -> ServedModel:
-        runtime = OnnxModel(path, self.runtime_options)
+        runtime = ticket.track(OnnxModel(path, self.runtime_options))
         effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, self.defaults)
         batching, timeout, reject = cfgmod.batching_of(effective)
         if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
             # Concurrent runs share the cores instead of each claiming all of them: only the config says
             # how many runs there are, so this (rarer) case opens the session again with fewer threads.
             threads = max(1, default_threads() // batching.instances)
-            runtime = OnnxModel(path, replace(self.runtime_options, intra_op_threads=threads))
+            runtime = ticket.track(OnnxModel(path, replace(self.runtime_options, intra_op_threads=threads)))
         meta = ModelMeta.from_props(runtime.metadata_props)
         spec = meta.input
         image_hw = (spec.size, spec.layout == "NHWC") if spec is not None else (None, False)
@@ -262,32 +310,65 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ lifecycle (event loop)
 
-    async def load(self, name: str) -> None:
-        """(Re)load ``name`` from disk and swap it in; on failure the serving versions stay."""
-        dirs = await asyncio.get_running_loop().run_in_executor(self._loader, self.model_dirs)
-        model_dir = dirs.get(name)
-        if model_dir is None:
-            raise NotFound(f"no model {printable(name)} in the repository; it has: {', '.join(dirs) or 'nothing'}")
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        """(Re)load ``name`` from disk (or from ``override``'s files and config) and swap it in; on failure the
+        serving versions stay."""
+        try:
+            await self._load(name, override)
+        except BaseException:
+            if override is not None:
+                override.discard()
+            raise
+
+    async def _load(self, name: str, override: LoadOverride | None) -> None:
+        if override is not None and override.directory is not None:
+            model_dir = override.directory
+        else:
+            dirs = await asyncio.to_thread(self.model_dirs)
+            found = dirs.get(name)
+            if found is None:
+                known = ", ".join(dirs) or "nothing"
+                raise NotFound(f"no model {printable(name)} in the repository; it has: {known}")
+            model_dir = found
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             state = self.states.setdefault(name, ModelState())
             state.signature = self._signature(model_dir)
             started = time.monotonic()
+            ticket = _Ticket()
+            self._tickets.add(ticket)
+            file = override.config if override is not None else None
+            work = asyncio.get_running_loop().run_in_executor(self._loader, self._build, name, model_dir, ticket, file)
             try:
-                built = await asyncio.get_running_loop().run_in_executor(self._loader, self._build, name, model_dir)
+                built = await asyncio.wait_for(asyncio.shield(work), self.load_timeout)
+            except asyncio.CancelledError:  # the server is stopping: stop the load's runs too
+                ticket.cancel()
+                work.add_done_callback(_discard)
+                raise
             except Exception as exc:  # onnxruntime raises its own types for a bad file
+                if isinstance(exc, TimeoutError):
+                    # The build is abandoned: its runs are stopped (a warm-up that never ends frees its thread),
+                    # and whatever it still produces is discarded.
+                    ticket.cancel()
+                    work.add_done_callback(_discard)
+                    exc = LoadTimeout(f"loading (session and warm-up) took over {self.load_timeout:g} s; abandoned")
                 state.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError | ValueError) else str(exc)
                 state.failed_versions = tuple(str(v) for v in sorted(self._version_files(model_dir, MODEL_FILE)))
                 MODEL_LOAD_FAILURES.labels(name).inc()
                 kept = ", ".join(self.versions.get(name, {})) or "none"
                 log.error("failed to load %s (still serving version(s): %s): %s", name, kept, exc)
                 raise LoadFailed(f"failed to load model {name!r}: {exc}") from None
+            finally:
+                self._tickets.discard(ticket)
             for model in built.values():
                 model.batcher.start()
                 model.stats.track_queue(functools.partial(getattr, model.batcher, "queued"))
             old = self.versions.get(name, {})
             self.versions[name] = built  # the swap: one assignment
             state.error, state.failed_versions, state.reason = "", (), ""
+            if state.override is not None and state.override is not override:
+                state.override.discard()
+            state.override = override
             for version in built:
                 MODEL_READY.labels(name, version).set(1)
             log.info(
@@ -306,16 +387,23 @@ class ModelRepository:
                 return  # already not loaded: nothing to do, as Triton
             raise NotFound(f"no model {printable(name)} to unload")
         old = self.versions.pop(name)
-        self.states.setdefault(name, ModelState()).reason = "unloaded"
+        state = self.states.setdefault(name, ModelState())
+        state.reason = "unloaded"
+        if state.override is not None:
+            state.override.discard()
+            state.override = None
         for model in old.values():
             self._retire(model, keep_ready=False)
         log.info("unloaded %s", name)
 
     def _retire(self, model: ServedModel, keep_ready: bool) -> None:
+        self._retired.add(model)
+
         async def drain() -> None:
             await model.released.wait()
             await model.batcher.close()
             model.executor.shutdown(wait=False)
+            self._retired.discard(model)
             if not keep_ready:
                 model.stats.retire()
                 MODEL_READY.labels(model.name, model.version).set(0)
@@ -332,15 +420,18 @@ class ModelRepository:
             wanted += [m for m in self.startup_models if m != "*" and m not in wanted]
         for name in dirs:
             self.states.setdefault(name, ModelState(reason="not loaded (explicit mode)"))
-        for name in wanted:
+
+        async def quietly(name: str) -> None:
             with contextlib.suppress(OpticError):
                 await self.load(name)
+
+        await asyncio.gather(*(quietly(name) for name in wanted))
         if self.control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever(), name="repository-poll")
 
     async def poll_once(self) -> None:
         """Load new or changed models, unload removed ones."""
-        dirs = await asyncio.get_running_loop().run_in_executor(self._loader, self.model_dirs)
+        dirs = await asyncio.to_thread(self.model_dirs)
         for name, model_dir in dirs.items():
             state = self.states.get(name)
             if state is None or state.signature != self._signature(model_dir):
@@ -358,6 +449,14 @@ class ModelRepository:
             except Exception:  # a broken repository must not stop polling
                 log.exception("polling %s failed", self.root)
 
+    def terminate(self) -> None:
+        """Stop every run now (loads in progress, serving and retiring versions): the end of a drain that
+        outlived its grace period."""
+        for ticket in list(self._tickets):
+            ticket.cancel()
+        for model in [*self._retired, *(m for vs in self.versions.values() for m in vs.values())]:
+            model.runtime.terminate()
+
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
@@ -368,6 +467,9 @@ class ModelRepository:
                 self._retire(model, keep_ready=False)
         while self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        for state in self.states.values():
+            if state.override is not None:
+                state.override.discard()
         self._loader.shutdown(wait=False)
 
     # ------------------------------------------------------------------ lookups

@@ -7,7 +7,9 @@ Knows nothing of gRPC or images; ``run`` is called from a worker thread
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from optic.server.errors import InvalidArgument
+from optic.server.errors import InvalidArgument, Unavailable
 from optic.server.tensors import DATATYPES, ORT_DATATYPES
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = "cpu"
-    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    intra_op_threads: int = 0  # 0: default_threads(): the cores this process may use (affinity and CPU quota)
     inter_op_threads: int = 0
     spin_wait: bool = False
     cuda_options: tuple[tuple[str, str], ...] = ()  # CUDAExecutionProvider options, e.g. ("device_id", "0")
@@ -75,7 +77,8 @@ class OnnxModel:
         self.path = path
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = options.intra_op_threads
+        # onnxruntime's own default counts the machine's physical cores, ignoring affinity and CPU quotas.
+        so.intra_op_num_threads = options.intra_op_threads or default_threads()
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
         # Idle intra-op threads spin-wait by default, burning the cores that gRPC and image
@@ -93,6 +96,9 @@ class OnnxModel:
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
         self.metadata_props: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.terminated = False
+        self._running: set[ort.RunOptions] = set()
+        self._lock = threading.Lock()
 
     @property
     def batchable(self) -> bool:
@@ -100,20 +106,41 @@ class OnnxModel:
         return all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        if self.terminated:
+            raise Unavailable(f"model {self.path.parent.parent.name!r} is being unloaded")
         names = list(outputs) if outputs else [t.name for t in self.outputs]
+        options = ort.RunOptions()
+        with self._lock:
+            self._running.add(options)
         try:
-            values = self._run_bound(feeds, names) if self.io_binding else self.session.run(names, dict(feeds))
+            if self.io_binding:
+                values = self._run_bound(feeds, names, options)
+            else:
+                values = self.session.run(names, dict(feeds), options)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as exc:
             raise InvalidArgument(f"model {self.path.parent.parent.name!r} rejected the input: {exc}") from exc
+        finally:
+            with self._lock:
+                self._running.discard(options)
         return dict(zip(names, values, strict=True))
 
-    def _run_bound(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    def terminate(self) -> None:
+        """Stop every run in progress (onnxruntime checks the flag between kernels, loops included) and refuse
+        new ones: how a load that takes too long, or a shutdown past its grace, gets its thread back."""
+        self.terminated = True
+        with self._lock:
+            for options in self._running:
+                options.terminate = True
+
+    def _run_bound(
+        self, feeds: Mapping[str, np.ndarray], names: list[str], options: ort.RunOptions
+    ) -> list[np.ndarray]:
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()
 
     def warmup(
@@ -139,8 +166,32 @@ class OnnxModel:
 
 
 def default_threads() -> int:
-    """Cores this process may use (cgroup/affinity aware), for sizing thread pools."""
+    """Cores this process may use, for sizing thread pools: its CPU affinity, capped by a cgroup CPU quota.
+
+    A Kubernetes CPU limit is a CFS quota, not an affinity: a pod limited to 2 CPUs on a 32-core node sees 32
+    cores in ``sched_getaffinity``, and 32 threads per pool would only contend for its 2 CPUs' worth of time
+    (and raise the memory the worker pools may hold, see docs/operations.md).
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup may use (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``); None: no limit."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import grpc
 
-from optic.server.handlers import Continuation, count_refusal, refusal, service_of
+from optic.server.handlers import Continuation, count_refusal, refusal
 
 log = logging.getLogger(__name__)
 
-# Groups of services that --auth-open can exempt from the token check, by service-name prefix.
+# Groups of methods that --auth-open can exempt from the token check, by method-name prefix. Health means
+# Check (what kubelet's gRPC probe sends); Watch is a stream that holds server resources, so it needs a token.
 OPEN_GROUPS: dict[str, tuple[str, ...]] = {
-    "health": ("grpc.health.v1.Health",),
-    "reflection": ("grpc.reflection.",),
+    "health": ("/grpc.health.v1.Health/Check",),
+    "reflection": ("/grpc.reflection.",),
 }
 MIN_TOKEN_LENGTH = 16
 
@@ -111,7 +112,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or service_of(method).startswith(self._open):
+        if handler is None or method.startswith(self._open):
             return handler
         metadata = handler_call_details.invocation_metadata or ()
         header = next((value for key, value in metadata if key == "authorization"), None)

@@ -128,6 +128,35 @@ def serve_args(args: list[str]):
         pytest.fail(f"manifest passes flags `optic serve` does not take: {args}")
 
 
+# Idle server with the default repository, onnxruntime arenas grown by warm-up at the largest batch: measured
+# 250-300 MB on CPU; the rest of the limit is what the bounds flags may let clients take.
+IDLE_ALLOWANCE_MB = 768
+
+
+def quantity_mb(value: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    return float(value[:-2]) * units[value[-2:]]
+
+
+def assert_bounds_fit_memory_limit(c: dict) -> None:
+    """The worst case the container's flags allow (docs/operations.md's formula) fits its memory limit."""
+    from optic.server.limits import worst_case_memory
+
+    args = serve_args(c["args"])
+    mb = 2**20
+    budget = worst_case_memory(
+        max_inflight=args.max_inflight, max_inflight_bytes=int(args.max_inflight_mb * mb),
+        max_message_bytes=int(args.max_message_mb * mb), max_streams=args.max_streams,
+        stream_window_bytes=int(args.stream_window_mb * mb),
+        workers=int(c["resources"]["limits"]["cpu"]),  # default_threads() under the CPU quota
+        max_image_pixels=args.max_image_pixels, max_rle_runs=args.max_rle_runs,
+    )  # fmt: skip
+    limit = quantity_mb(c["resources"]["limits"]["memory"])
+    assert budget["total"] / mb + IDLE_ALLOWANCE_MB <= limit, (
+        f"flags allow {budget['total'] / mb:.0f} MB above idle; the limit is {limit:.0f} MB"
+    )
+
+
 def _container(deployment: dict) -> dict:
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     return c
@@ -154,6 +183,7 @@ def test_deployment_matches_the_server(rendered, overlay):
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] and pod["spec"]["securityContext"]["runAsUser"] == 10001
     assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert_bounds_fit_memory_limit(c)
     assert pod["spec"]["topologySpreadConstraints"]
     for service in kind(docs, "Service"):
         for p in service["spec"]["ports"]:
@@ -193,6 +223,7 @@ def test_kserve_predictor_matches_the_server():
     assert c["readinessProbe"]["grpc"] == {"port": args.grpc_port, "service": READINESS_SERVICE}
     assert c["livenessProbe"]["grpc"] == {"port": args.grpc_port, "service": LIVENESS_SERVICE}
     assert isvc["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+    assert_bounds_fit_memory_limit(c)
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])

@@ -397,6 +397,14 @@ MATRIX: list[Case] = [
         "raw_input_contents for 1 inputs",
     ),
     Case(
+        "typed-and-raw",
+        "kserve.ModelInfer",
+        "typed contents and raw_input_contents together (the protocol allows one or the other)",
+        lambda: (lambda r: (r.inputs[0].contents.fp32_contents.append(0.0), r)[-1])(tensor_request()),
+        "INVALID_ARGUMENT",
+        "has typed contents while the request also has raw_input_contents",
+    ),
+    Case(
         "typed-count",
         "kserve.ModelInfer",
         "typed contents with too few values",

@@ -79,3 +79,20 @@ def test_cuda_session_matches_cpu():
     assert gpu.providers[0] == "CUDAExecutionProvider" and gpu.io_binding
     cpu = OnnxModel(CLASSIFIER, RuntimeOptions(device="cpu"))
     np.testing.assert_allclose(gpu.run({"images": x})["logits"], cpu.run({"images": x})["logits"], atol=1e-3)
+
+
+def test_thread_pools_follow_the_cgroup_cpu_quota(tmp_path):
+    """A pod limited to 2 CPUs on a big node sizes its pools for 2, as a CFS quota (not affinity) says."""
+    from optic.server.runtime import cgroup_cpu_quota
+
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 2.0
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path) is None

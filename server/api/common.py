@@ -6,12 +6,13 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from optic.server.errors import Internal, OpticError
+from optic.server.handlers import fail, forget
 from optic.server.metrics import INFLIGHT, REQUEST_LATENCY, REQUESTS
 from optic.server.repository import ModelRepository
 
@@ -38,24 +39,26 @@ def rpc(method: str, model_of: Callable[[Any], str] | None = None) -> Callable[[
             started = time.perf_counter()
             inflight = INFLIGHT.labels(model)
             inflight.inc()
+            message = ""
             try:
                 return await fn(self, request, context)
             except OpticError as exc:
-                code = exc.code
-                await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+                code, message = exc.code, exc.message
+                forget(exc)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                code = "INTERNAL"
+                code, message = "INTERNAL", f"internal error in {method}: {type(exc).__name__}"
                 log.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+                forget(exc)
             finally:
                 inflight.dec()
                 REQUESTS.labels(model, method, code).inc()
                 REQUEST_LATENCY.labels(model, method).observe(time.perf_counter() - started)
+            return fail(context, getattr(grpc.StatusCode, code), message)
 
         return wrapper
 
@@ -81,30 +84,3 @@ async def counted(model: str, method: str, call: Awaitable[Resp]) -> Resp:
     finally:
         REQUESTS.labels(model, method, code).inc()
         REQUEST_LATENCY.labels(model, method).observe(time.perf_counter() - started)
-
-
-async def in_order(
-    requests: AsyncIterator[Req], start: Callable[[Req], Awaitable[Resp]], window: int
-) -> AsyncIterator[tuple[Req, Resp | OpticError]]:
-    """Start each request as it arrives (so requests of one stream batch with everyone's) and give back
-    (request, answer or error) in arrival order. At most ``window`` are in flight; then reading pauses and
-    gRPC flow control pushes back on the sender."""
-    pending: asyncio.Queue[tuple[Req, asyncio.Future[Resp]] | None] = asyncio.Queue(maxsize=window)
-
-    async def read() -> None:
-        try:
-            async for request in requests:
-                await pending.put((request, asyncio.ensure_future(start(request))))
-        finally:
-            await pending.put(None)
-
-    reader = asyncio.ensure_future(read())
-    try:
-        while (item := await pending.get()) is not None:
-            request, task = item
-            try:
-                yield request, await task
-            except OpticError as exc:
-                yield request, exc
-    finally:
-        reader.cancel()

@@ -9,17 +9,20 @@ import numpy as np
 
 from optic.proto.inference import grpc_service_pb2 as pb
 from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
-from optic.server import __version__
-from optic.server.api.common import counted, in_order, rpc, time_left
+from optic.server import __version__, overrides
+from optic.server.admission import Admission
+from optic.server.api.common import counted, rpc, time_left
+from optic.server.api.streams import StreamIdle, StreamLimits, in_order
 from optic.server.config import PLATFORM
-from optic.server.errors import FailedPrecondition, InvalidArgument, OpticError
+from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError
+from optic.server.handlers import fail
+from optic.server.metadata import MODEL_NAME
 from optic.server.metrics import Duration, ModelStats
-from optic.server.repository import ModelRepository, ServedModel
+from optic.server.repository import ModelRepository, ServedModel, printable
 from optic.server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 MAX_CLASSIFICATION = 1000
-STREAM_WINDOW = 64  # requests of one stream in flight; beyond it, reading pauses (gRPC flow control does the rest)
 
 
 def decode_inputs(
@@ -32,6 +35,13 @@ def decode_inputs(
     """
     specs = {s.name: s for s in model.inputs}
     raw = request.raw_input_contents
+    if raw:
+        typed = next((t.name for t in request.inputs if t.HasField("contents")), None)
+        if typed is not None:  # the protocol allows one or the other, never both (Triton refuses the same)
+            raise InvalidArgument(
+                f"input {typed[:64]!r} has typed contents while the request also has raw_input_contents; "
+                "send every input one way"
+            )
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
@@ -86,9 +96,18 @@ def tensor_metadata(model: ServedModel, kind: str) -> list[pb.ModelMetadataRespo
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repo: ModelRepository, draining: Callable[[], bool], allow_non_finite: bool = False) -> None:
+    def __init__(
+        self,
+        repo: ModelRepository,
+        draining: Callable[[], bool],
+        admission: Admission,
+        streams: StreamLimits,
+        allow_non_finite: bool = False,
+    ) -> None:
         self.repo = repo
         self._draining = draining
+        self._admission = admission
+        self._streams = streams
         self._allow_non_finite = allow_non_finite
 
     @rpc("ServerLive")
@@ -166,13 +185,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             label = self.repo.metric_label(request.model_name)
             return counted(label, "ModelStreamInfer", self._infer(request, time_left(context)))
 
-        async for request, answer in in_order(requests, start, STREAM_WINDOW):
-            if isinstance(answer, OpticError):
-                yield pb.ModelStreamInferResponse(
-                    error_message=answer.message, infer_response=pb.ModelInferResponse(id=request.id)
-                )
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=answer)
+        answers = in_order(requests, start, self._streams, self._admission.enter, self._admission.leave)
+        try:
+            async for request, answer in answers:
+                if isinstance(answer, OpticError):
+                    yield pb.ModelStreamInferResponse(
+                        error_message=answer.message, infer_response=pb.ModelInferResponse(id=request.id)
+                    )
+                else:
+                    yield pb.ModelStreamInferResponse(infer_response=answer)
+        except StreamIdle as exc:
+            fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, exc.message)
 
     @rpc("ModelConfig", lambda r: r.name)
     async def ModelConfig(
@@ -213,7 +236,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         self._require_explicit("load")
-        await self.repo.load(request.model_name)
+        if not MODEL_NAME.match(request.model_name):
+            raise NotFound(f"no model {printable(request.model_name)} in the repository")
+        await self.repo.load(request.model_name, overrides.parse(request.model_name, request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @rpc("RepositoryModelUnload", lambda r: r.model_name)

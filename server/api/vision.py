@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 
 from optic.proto.optic.v1 import vision_pb2 as pb
-from optic.server.api.common import counted, in_order, rpc, time_left
+from optic.server.admission import Admission
+from optic.server.api.common import counted, rpc, time_left
+from optic.server.api.streams import StreamIdle, StreamLimits, in_order
 from optic.server.errors import InvalidArgument, NotFound, OpticError
+from optic.server.handlers import fail
 from optic.server.metrics import STAGE_TIME
 from optic.server.repository import ModelRepository, ServedModel, printable
 from optic.server.tasks import TASKS, task_of, tasks_of_rpc
 from optic.server.tasks.base import Task, Work
+from optic.server.tasks.fair import CallLimits, FairExecutor
 from optic.server.tasks.image import ImageLimits
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Vision"]
-STREAM_WINDOW = 8  # frames of one DetectStream in flight
 
 
 def _observe(model: str, stage: str, seconds: float) -> None:
@@ -35,10 +37,21 @@ def _observe(model: str, stage: str, seconds: float) -> None:
 class VisionServicer:
     """Builds the service's method handlers from the task registry (see :meth:`handler`)."""
 
-    def __init__(self, repo: ModelRepository, executor: Executor, limits: ImageLimits) -> None:
+    def __init__(
+        self,
+        repo: ModelRepository,
+        executor: FairExecutor,
+        limits: ImageLimits,
+        call_limits: CallLimits,
+        admission: Admission,
+        streams: StreamLimits,
+    ) -> None:
         self.repo = repo
         self._executor = executor
         self._limits = limits
+        self._call_limits = call_limits
+        self._admission = admission
+        self._streams = streams
 
     def handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -76,7 +89,7 @@ class VisionServicer:
         )
 
     def _work(self, context: grpc.aio.ServicerContext) -> Work:
-        return Work(self.repo, self._executor, self._limits, time_left(context), _observe)
+        return Work(self.repo, self._executor, self._limits, self._call_limits, time_left(context), _observe)
 
     def _resolve(self, tasks: list[Task], name: str) -> str:
         for task in tasks:
@@ -150,16 +163,20 @@ class VisionServicer:
     async def _detect_stream(
         self, frames: AsyncIterator[pb.DetectFrame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DetectFrameResult]:
-        """Frames are processed concurrently (a window of 8) and answered in arrival order, errors in-band."""
+        """Frames are processed concurrently (a bounded window) and answered in arrival order, errors in-band."""
 
         def start(frame: pb.DetectFrame) -> Awaitable[pb.DetectResponse]:
             label = self.repo.metric_label(frame.request.model)
             return counted(label, "DetectStream", self._call("Detect", frame.request, context))
 
-        async for frame, answer in in_order(frames, start, STREAM_WINDOW):
-            if isinstance(answer, OpticError):
-                yield pb.DetectFrameResult(
-                    frame_id=frame.frame_id, error_code=answer.code, error_message=answer.message
-                )
-            else:
-                yield pb.DetectFrameResult(frame_id=frame.frame_id, response=answer)
+        answers = in_order(frames, start, self._streams, self._admission.enter, self._admission.leave)
+        try:
+            async for frame, answer in answers:
+                if isinstance(answer, OpticError):
+                    yield pb.DetectFrameResult(
+                        frame_id=frame.frame_id, error_code=answer.code, error_message=answer.message
+                    )
+                else:
+                    yield pb.DetectFrameResult(frame_id=frame.frame_id, response=answer)
+        except StreamIdle as exc:
+            fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, exc.message)

@@ -11,9 +11,7 @@ from optic.server.metadata import ModelMeta, task_short_name
 from optic.server.tasks import caption, classify, detect, instances, segment
 from optic.server.tasks.base import Task
 
-TASKS: dict[str, Task] = {
-    t.name: t for t in (classify.TASK, detect.TASK, segment.TASK, instances.TASK, caption.TASK)
-}
+TASKS: dict[str, Task] = {t.name: t for t in (classify.TASK, detect.TASK, segment.TASK, instances.TASK, caption.TASK)}
 
 
 def task_named(name: str) -> Task:

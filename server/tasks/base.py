@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -22,7 +21,16 @@ from google.protobuf.message import Message
 
 from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.server.errors import InvalidArgument
-from optic.server.tasks.image import ImageLimits, ImageSource, Prepared, RawPixels, cheap_to_decode, prepare
+from optic.server.tasks.fair import CallBudget, CallLimits, FairExecutor
+from optic.server.tasks.image import (
+    ImageLimits,
+    ImageSource,
+    Prepared,
+    RawPixels,
+    cheap_to_decode,
+    image_size,
+    prepare,
+)
 
 if TYPE_CHECKING:  # the client side imports tasks without the server's runtime
     from PIL import Image as PILImage
@@ -39,14 +47,16 @@ class Work:
     def __init__(
         self,
         repo: ModelRepository,
-        executor: Executor,
+        executor: FairExecutor,
         limits: ImageLimits,
+        call_limits: CallLimits,
         timeout: float | None,
         observe: Callable[[str, str, float], None],
     ) -> None:
         self.repo = repo
         self.executor = executor
         self.limits = limits
+        self.budget = CallBudget(call_limits)
         self.timeout = timeout  # seconds left of the client's deadline, None for none
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._observe = observe  # (model, stage, seconds) -> metrics
@@ -64,8 +74,7 @@ class Work:
         if isinstance(source, bytes) and cheap_to_decode(source, self.limits):
             prepared = prepare(source, spec, self.limits)
         else:
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self.executor, prepare, source, spec, self.limits)
+            prepared = await self.executor.run(self, prepare, source, spec, self.limits)
         self.observe(model.name, "decode", prepared.decode_seconds)
         self.observe(model.name, "preprocess", prepared.preprocess_seconds)
         return prepared
@@ -77,6 +86,14 @@ class Work:
         self.observe(model.name, "inference", time.perf_counter() - started)
         return {k: v[0] for k, v in outputs.items()}
 
+    def check(self, sources: Sequence[ImageSource], masks: bool = False) -> None:
+        """The call's pixels (and mask pixels) against its budget, from the headers alone: before any decoding."""
+        sizes = [s for s in map(image_size, sources) if s is not None]
+        for w, h in sizes:  # one image over its own limit: say so, as decoding it would
+            if w * h > self.limits.max_pixels:
+                raise InvalidArgument(f"image is {w}x{h} = {w * h} pixels; the limit is {self.limits.max_pixels}")
+        self.budget.check_pixels(sizes, masks)
+
     async def each(
         self,
         model: ServedModel,
@@ -85,6 +102,11 @@ class Work:
     ) -> list[Message]:
         """Prepare, infer and post-process every image concurrently; results in request order."""
 
+        def finished(prepared: Prepared, outputs: dict[str, np.ndarray]) -> Message:
+            result = finish(prepared, outputs)
+            self.budget.take_bytes(result.ByteSize())
+            return result
+
         async def one(source: ImageSource) -> Message:
             prepared = await self.prepare(source, model)
             outputs = await self.infer(model, prepared.tensor)
@@ -92,10 +114,9 @@ class Work:
             if prepared.transform.width * prepared.transform.height > self.limits.inline_pixels:
                 # Work at the original size (a mask resampled and PNG-encoded: ~20 ms at 1080p) would stall
                 # the event loop, and with it every other call, including the cheap refusals under overload.
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, finish, prepared, outputs)
+                result = await self.executor.run(self, finished, prepared, outputs)
             else:
-                result = finish(prepared, outputs)
+                result = finished(prepared, outputs)
             self.observe(model.name, "postprocess", time.perf_counter() - started)
             return result
 
@@ -145,6 +166,7 @@ class Task(Generic[R]):
     response_type: ClassVar[type[Message]]
     default_model: ClassVar[str]
     options: ClassVar[tuple[Option, ...]] = ()  # request fields ``optic infer`` exposes as flags
+    masks: ClassVar[bool] = False  # answers carry masks at the image size (their pixels count as output)
 
     # ------------------------------------------------------------------ server side
 
@@ -158,15 +180,15 @@ class Task(Generic[R]):
 
     def check(self, model: ServedModel) -> None:
         if model.meta.input is None:
-            raise InvalidArgument(
-                f"model {model.name!r} has no input metadata (optic.input.*); it cannot take images"
-            )
+            raise InvalidArgument(f"model {model.name!r} has no input metadata (optic.input.*); it cannot take images")
 
     def defaults(self, model: ServedModel) -> dict[str, str]:
         """Per-model request defaults, shown by the Vision ModelMetadata RPC."""
         return {}
 
-    def finish(self, model: ServedModel, request: Any, prepared: Prepared, outputs: dict[str, np.ndarray]) -> Message:
+    def finish(
+        self, work: Work, model: ServedModel, params: Any, prepared: Prepared, outputs: dict[str, np.ndarray]
+    ) -> Message:
         """One image's outputs -> its result message (runs in a worker thread for large images)."""
         raise NotImplementedError
 
@@ -179,7 +201,8 @@ class Task(Generic[R]):
         """The default life: every image prepared, inferred and finished on its own, answers in order."""
         params = self.validate(model, request)
         sources = sources_of(request)
-        results = await work.each(model, sources, lambda p, o: self.finish(model, params, p, o))
+        work.check(sources, masks=self.masks)
+        results = await work.each(model, sources, lambda p, o: self.finish(work, model, params, p, o))
         return self.response_type(model=model.name, model_version=model.version, results=results)
 
     # ------------------------------------------------------------------ client side

@@ -188,6 +188,7 @@ class CaptionTask(Task[Caption]):
         if not 1 <= max_len <= spec.max_length:
             raise InvalidArgument(f"max_length {max_len} must be 1 to {spec.max_length} for this model")
         sources = sources_of(request)
+        work.check(sources)
         with ExitStack() as stack:
             decoder = stack.enter_context(work.repo.use(spec.decoder))
 

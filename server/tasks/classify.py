@@ -61,7 +61,12 @@ class Classify(Task[list[Classification]]):
         return request
 
     def finish(
-        self, model: ServedModel, request: pb.ClassifyRequest, prepared: Prepared, outputs: dict[str, np.ndarray]
+        self,
+        work: Work,
+        model: ServedModel,
+        request: pb.ClassifyRequest,
+        prepared: Prepared,
+        outputs: dict[str, np.ndarray],
     ) -> pb.ClassifyResult:
         labels = top_k(outputs[model.outputs[0].name], model.meta, request.top_k)
         return pb.ClassifyResult(classes=[pb.Classification(**asdict(x)) for x in labels])

@@ -11,7 +11,7 @@ from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.server.errors import InvalidArgument
 from optic.server.metadata import TASK_NAMES
 from optic.server.tasks import boxes, draw
-from optic.server.tasks.base import Option, Task, label_of
+from optic.server.tasks.base import Option, Task, Work, label_of
 from optic.server.tasks.image import Prepared
 
 if TYPE_CHECKING:
@@ -81,9 +81,7 @@ class Detection:
     label: str
 
 
-def detection_messages(
-    found: boxes.Detections, prepared: Prepared, labels: tuple[str, ...]
-) -> list[pb.Detection]:
+def detection_messages(found: boxes.Detections, prepared: Prepared, labels: tuple[str, ...]) -> list[pb.Detection]:
     """Detections in model-input pixels -> messages in the client's pixels."""
     mapped = prepared.transform.to_original(found.boxes)
     return [
@@ -117,7 +115,7 @@ class Detect(Task[list[Detection]]):
         return DetectParams.of(request, model)
 
     def finish(
-        self, model: ServedModel, params: DetectParams, prepared: Prepared, outputs: dict[str, np.ndarray]
+        self, work: Work, model: ServedModel, params: DetectParams, prepared: Prepared, outputs: dict[str, np.ndarray]
     ) -> pb.DetectResult:
         pred = outputs[model.outputs[0].name]
         if pred.ndim != 2:
@@ -144,8 +142,7 @@ class Detect(Task[list[Detection]]):
 
     def render(self, result: list[Detection]) -> str:
         rows = [
-            f"  {d.score:7.4f}  {d.label:12s} ({d.class_id})  [{', '.join(f'{v:.1f}' for v in d.box)}]"
-            for d in result
+            f"  {d.score:7.4f}  {d.label:12s} ({d.class_id})  [{', '.join(f'{v:.1f}' for v in d.box)}]" for d in result
         ]
         return "\n".join(rows) or "  (nothing detected)"
 

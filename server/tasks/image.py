@@ -24,6 +24,7 @@ from optic.server.metadata import InputSpec
 from optic.server.tasks.pipelines import Transform, resize
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_WIDE = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16/32-bit grey
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 __all__ = ["Transform", "decode_image", "normalize", "prepare", "preprocess"]
@@ -51,6 +52,18 @@ def cheap_to_decode(data: bytes, limits: ImageLimits) -> bool:
     except Exception:  # let the full decoder produce the precise error, off the loop
         return False
     return width * height <= limits.inline_pixels
+
+
+def image_size(source: ImageSource) -> tuple[int, int] | None:
+    """(width, height) from the header alone (raw pixels: as declared); None when the header cannot be read, for
+    the decoder to report precisely."""
+    if isinstance(source, RawPixels):
+        return source.width, source.height
+    try:
+        with Image.open(io.BytesIO(source), formats=FORMATS) as img:
+            return img.size
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)
@@ -85,9 +98,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if min(width, height) < limits.min_side:
         raise InvalidArgument(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
     if width * height > limits.max_pixels:
-        raise InvalidArgument(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
-        )
+        raise InvalidArgument(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
     return img
 
 
@@ -114,6 +125,11 @@ def decode_image(data: bytes, limits: ImageLimits, spec: InputSpec | None = None
             if bgr is None:
                 raise InvalidArgument(f"image could not be decoded by OpenCV, this model's decoder ({img.format})")
             return Decoded(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), width, height)
+        if img.format == "PNG" and img.mode in _WIDE:
+            # 16-bit PNG: OpenCV decodes straight to 8 bits (the high byte, as below), without the wide plane.
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if bgr is not None:
+                return Decoded(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), width, height)
         if draft:
             assert spec is not None
             side = max(spec.size)
@@ -122,7 +138,7 @@ def decode_image(data: bytes, limits: ImageLimits, spec: InputSpec | None = None
         img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+    if img.mode in _WIDE:
         # 16-bit grey (PNG): keep the high byte, as Pillow itself does for 16-bit RGB; convert() would clip
         # every value above 255 to white. In place, on the 16/32-bit plane Pillow gives: no wider copy.
         plane = np.array(img)

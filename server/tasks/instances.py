@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.server.errors import InvalidArgument
 from optic.server.metadata import TASK_NAMES
 from optic.server.tasks import boxes, draw
-from optic.server.tasks.base import Option, Task, label_of
+from optic.server.tasks.base import Option, Task, Work, label_of
 from optic.server.tasks.detect import DetectParams
 from optic.server.tasks.image import Prepared
 from optic.server.tasks.segment import rle
@@ -136,6 +137,7 @@ class InstanceSegment(Task[list[InstanceMask]]):
     request_type = pb.SegmentRequest
     response_type = pb.SegmentResponse
     default_model = "segmenter"
+    masks = True
     options = (
         Option("confidence_threshold", "--conf", float, "confidence threshold (default: the model's)"),
         Option("iou_threshold", "--iou", float, "NMS IoU threshold (default: the model's)"),
@@ -154,7 +156,7 @@ class InstanceSegment(Task[list[InstanceMask]]):
         return DetectParams.of(request, model), request.return_rle
 
     def finish(
-        self, model: ServedModel, params: Any, prepared: Prepared, outputs: dict[str, np.ndarray]
+        self, work: Work, model: ServedModel, params: Any, prepared: Prepared, outputs: dict[str, np.ndarray]
     ) -> pb.SegmentResult:
         detect, with_rle = params
         pred, protos = outputs[model.outputs[0].name], outputs[model.outputs[1].name]
@@ -186,7 +188,7 @@ class InstanceSegment(Task[list[InstanceMask]]):
                     mask_width=m.mask.shape[1],
                     mask_height=m.mask.shape[0],
                     pixel_count=count,
-                    rle_counts=full_rle(m, t.width, t.height) if with_rle else (),
+                    rle_counts=full_rle(m, t.width, t.height, work.budget.take_runs) if with_rle else (),
                 )
             )
         return result
@@ -236,12 +238,12 @@ class InstanceSegment(Task[list[InstanceMask]]):
         return draw.boxes(tinted, [(i.box, i.class_id, f"{i.label} {i.score:.2f}") for i in result])
 
 
-def full_rle(m: Mask, width: int, height: int) -> tuple[int, ...]:
+def full_rle(m: Mask, width: int, height: int, budget: Callable[[int], None]) -> tuple[int, ...]:
     """The box mask placed on the whole image, as COCO uncompressed RLE."""
     whole = np.zeros((height, width), bool)
     h, w = m.mask.shape
     whole[m.y : m.y + h, m.x : m.x + w] = m.mask
-    return rle(whole)
+    return rle(whole, budget)
 
 
 TASK = InstanceSegment()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.server.errors import InvalidArgument
 from optic.server.metadata import TASK_NAMES
 from optic.server.tasks import draw
-from optic.server.tasks.base import Task, label_of
+from optic.server.tasks.base import Task, Work, label_of
 from optic.server.tasks.image import Prepared, Transform
 
 if TYPE_CHECKING:
@@ -50,10 +51,15 @@ def png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def rle(binary: np.ndarray) -> tuple[int, ...]:
-    """COCO uncompressed RLE: column-major run lengths, beginning with a (possibly empty) run of zeros."""
-    flat = binary.T.ravel().astype(np.int8)
-    change = np.flatnonzero(np.diff(flat)) + 1
+def rle(binary: np.ndarray, budget: Callable[[int], None] | None = None) -> tuple[int, ...]:
+    """COCO uncompressed RLE: column-major run lengths, beginning with a (possibly empty) run of zeros.
+
+    ``budget`` is told the run count before the runs are built, and may refuse (a striped image can have as
+    many runs as pixels)."""
+    flat = binary.T.ravel().view(np.uint8)
+    if budget is not None:
+        budget(int(np.count_nonzero(flat[1:] != flat[:-1])) + 2)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     bounds = np.concatenate([[0], change, [flat.size]])
     counts = np.diff(bounds).tolist()
     if flat.size and flat[0] == 1:
@@ -61,9 +67,13 @@ def rle(binary: np.ndarray) -> tuple[int, ...]:
     return tuple(int(c) for c in counts)
 
 
-def summarise(mask: np.ndarray, num_classes: int, with_rle: bool) -> list[ClassMask]:
+def summarise(
+    mask: np.ndarray, num_classes: int, with_rle: bool, budget: Callable[[int], None] | None = None
+) -> list[ClassMask]:
     counts = np.bincount(mask.ravel(), minlength=num_classes)
-    return [ClassMask(c, int(n), rle(mask == c) if with_rle else ()) for c, n in enumerate(counts.tolist()) if n > 0]
+    return [
+        ClassMask(c, int(n), rle(mask == c, budget) if with_rle else ()) for c, n in enumerate(counts.tolist()) if n > 0
+    ]
 
 
 @dataclass(frozen=True)
@@ -81,28 +91,33 @@ class Segment(Task[Segmentation]):
     request_type = pb.SegmentRequest
     response_type = pb.SegmentResponse
     default_model = "segmenter"
+    masks = True
 
     def finish(
-        self, model: ServedModel, request: pb.SegmentRequest, prepared: Prepared, outputs: dict[str, np.ndarray]
+        self,
+        work: Work,
+        model: ServedModel,
+        request: pb.SegmentRequest,
+        prepared: Prepared,
+        outputs: dict[str, np.ndarray],
     ) -> pb.SegmentResult:
         logits = outputs[model.outputs[0].name]
         if logits.ndim != 3:
             raise InvalidArgument(f"model {model.name!r} output has shape {logits.shape}; expected [C, H, W]")
         mask = class_map(logits, prepared.transform)
         labels = model.meta.labels
+        # The run counts are counted (and may be refused) before the PNG is encoded: no work for a refusal.
+        classes = [
+            pb.ClassMask(
+                class_id=m.class_id,
+                label=label_of(labels, m.class_id),
+                pixel_count=m.pixel_count,
+                rle_counts=m.rle_counts,
+            )
+            for m in summarise(mask, logits.shape[0], request.return_rle, work.budget.take_runs)
+        ]
         return pb.SegmentResult(
-            mask_png=png(mask),
-            width=prepared.transform.width,
-            height=prepared.transform.height,
-            classes=[
-                pb.ClassMask(
-                    class_id=m.class_id,
-                    label=label_of(labels, m.class_id),
-                    pixel_count=m.pixel_count,
-                    rle_counts=m.rle_counts,
-                )
-                for m in summarise(mask, logits.shape[0], request.return_rle)
-            ],
+            mask_png=png(mask), width=prepared.transform.width, height=prepared.transform.height, classes=classes
         )
 
     # ------------------------------------------------------------------ client side

@@ -1,0 +1,130 @@
+"""Fair use of the worker pool, and one call's budget for the work it may cause.
+
+Decoding and large post-processing run in a shared pool. A plain pool serves
+jobs first come, first served, so one call with 64 huge images would hold
+every worker while small calls wait behind it. :class:`FairExecutor` keeps a
+queue per call and hands free workers to the calls in turn, so a call never
+gets more than its share while others are waiting.
+
+:class:`CallBudget` bounds, per call and before the work is done, the pixels
+its images hold, the pixels of the masks it asks for, the run-length
+counts it may receive and the size of its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from optic.server.errors import InvalidArgument, ResourceExhausted
+
+T = TypeVar("T")
+
+
+class FairExecutor:
+    """Round-robin over callers: each free worker takes the next job of the caller whose turn it is."""
+
+    def __init__(self, executor: Executor, workers: int) -> None:
+        self._executor = executor
+        self._free = max(1, workers)
+        # A caller may hold at most half the workers while others could use them: a call with many huge images
+        # keeps at least one worker free for everyone else.
+        self._share = max(1, workers // 2)
+        self._active: dict[object, int] = {}
+        self._queues: OrderedDict[object, deque[tuple[Callable[..., Any], tuple, asyncio.Future[Any]]]] = OrderedDict()
+
+    async def run(self, caller: object, fn: Callable[..., T], *args: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(caller, deque()).append((fn, args, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._free:
+            caller = next((c for c in self._queues if self._active.get(c, 0) < self._share), None)
+            if caller is None:  # nothing queued, or every waiting caller has its share already
+                return
+            queue = self._queues[caller]
+            fn, args, future = queue.popleft()
+            if queue:
+                self._queues.move_to_end(caller)  # this caller's next job waits for everyone else's turn
+            else:
+                del self._queues[caller]
+            if future.cancelled():
+                continue
+            self._free -= 1
+            self._active[caller] = self._active.get(caller, 0) + 1
+            work = loop.run_in_executor(self._executor, fn, *args)
+            work.add_done_callback(functools.partial(self._finished, caller=caller, target=future))
+
+    def _finished(self, done: asyncio.Future[Any], caller: object, target: asyncio.Future[Any]) -> None:
+        self._free += 1
+        self._active[caller] -= 1
+        if not self._active[caller]:
+            del self._active[caller]
+        if not target.cancelled():
+            if done.exception() is not None:
+                target.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                target.set_result(done.result())
+        elif not done.cancelled():
+            done.exception()  # observed: never "exception was never retrieved"
+        self._dispatch()
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """What one call may cost (documented in docs/operations.md, with the memory formula)."""
+
+    max_call_pixels: int = 100_000_000  # pixels of all images of a call, checked from headers before decoding
+    max_output_pixels: int = 100_000_000  # mask pixels a call may ask for (Segment), before any is computed
+    max_rle_runs: int = 4_000_000  # RLE counts in one answer, counted before they are built
+    max_answer_bytes: int = 64 * 1024 * 1024  # the answer must fit the message limit
+
+
+class CallBudget:
+    """One call's running totals; thread-safe (images of a call finish in different workers)."""
+
+    def __init__(self, limits: CallLimits) -> None:
+        self.limits = limits
+        self._runs = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def check_pixels(self, sizes: list[tuple[int, int]], masks: bool) -> None:
+        total = sum(w * h for w, h in sizes)
+        if total > self.limits.max_call_pixels:
+            raise InvalidArgument(
+                f"the call's {len(sizes)} image(s) hold {total:,} pixels; a call may hold at most "
+                f"{self.limits.max_call_pixels:,} (--max-call-pixels): send fewer or smaller images per call"
+            )
+        if masks and total > self.limits.max_output_pixels:
+            raise InvalidArgument(
+                f"masks for {total:,} pixels asked for; a call may ask for at most {self.limits.max_output_pixels:,} "
+                "(--max-output-pixels)"
+            )
+
+    def take_runs(self, runs: int) -> None:
+        with self._lock:
+            self._runs += runs
+            if self._runs > self.limits.max_rle_runs:
+                raise ResourceExhausted(
+                    f"the answer's RLE would hold over {self.limits.max_rle_runs:,} runs (--max-rle-runs): "
+                    "ask without return_rle, or for fewer images"
+                )
+
+    def take_bytes(self, size: int) -> None:
+        with self._lock:
+            self._bytes += size
+            if self._bytes > self.limits.max_answer_bytes:
+                raise ResourceExhausted(
+                    f"the answer would be over {self.limits.max_answer_bytes:,} bytes, the message limit: "
+                    "ask for fewer images per call"
+                )
