@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from optic.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from optic.proto.optic.v1 import vision_pb2
 from optic.proto.pool import POOL
-from optic.server import defaults
+from optic.server import defaults, metrics
 from optic.server.admission import Admission
 from optic.server.api.kserve import KServeServicer
 from optic.server.api.streams import StreamLimits
@@ -58,6 +58,7 @@ class ServerConfig:
     metrics_token: bool = False  # require the --auth-token-file token on /metrics too
     load_timeout: float = 120.0  # seconds for a model load (sessions + warm-up) before it is abandoned
     load_threads: int = 2  # model loads at once
+    reuse_port: bool = False  # one of --workers N processes: share the ports with the others (SO_REUSEPORT)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -114,7 +115,7 @@ class OpticServer:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(config.reuse_port)),
             *config.connections.grpc_options(),
         ]
         self.credentials = server_credentials(config.security)
@@ -133,8 +134,9 @@ class OpticServer:
         self.health_grpc: grpc.aio.Server | None = None
         self.metrics: MetricsServer | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         if config.health_port:
-            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.repo, lambda: self.draining, self.admission, config.streams, config.allow_non_finite),
@@ -223,6 +225,8 @@ class OpticServer:
             self.config.model_repo,
         )
         self._trimmer = asyncio.get_running_loop().create_task(_trim_forever(), name="malloc-trim")
+        if metrics.MULTIPROCESS:
+            self._refresher = asyncio.get_running_loop().create_task(_refresh_forever(), name="metrics-refresh")
         await self.repo.start()
         if self.repo.versions or self.config.control_mode == "explicit":
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -260,8 +264,9 @@ class OpticServer:
                 await asyncio.wait_for(self.repo.close(), 5.0)
         if self.metrics is not None:
             await self.metrics.close()
-        if self._trimmer is not None:
-            self._trimmer.cancel()
+        for task in (self._trimmer, self._refresher):
+            if task is not None:
+                task.cancel()
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -296,6 +301,12 @@ def _return_freed_memory() -> None:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 20)
         libc.mallopt(m_trim_threshold, 8 << 20)
+
+
+async def _refresh_forever(seconds: float = 1.0) -> None:
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(seconds)
 
 
 async def _trim_forever(seconds: float = 5.0) -> None:

@@ -8,12 +8,13 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optic.server import defaults
 from optic.server.api.streams import StreamLimits
 from optic.server.limits import ConnectionLimits
 from optic.server.logs import EscapingFormatter, RateLimit
-from optic.server.runtime import DEVICES, RuntimeOptions, providers_for
+from optic.server.runtime import DEVICES, RuntimeOptions, default_threads, providers_for
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import (
     OPEN_GROUPS,
@@ -24,6 +25,10 @@ from optic.server.security import (
 )
 from optic.server.tasks.fair import CallLimits
 from optic.server.tasks.image import ImageLimits
+from optic.server.workers import default_workers
+
+if TYPE_CHECKING:
+    from optic.server.app import ServerConfig
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +40,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="cpu", help="execution provider (auto: CUDA if present)")
     p.add_argument("--max-batch-size", type=int, default=32, help="largest dynamic batch (0: no batching)")
     p.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument(
+        "--batch-window",
+        choices=("adaptive", "fixed"),
+        default="adaptive",
+        help="adaptive: gather only while the expected wait costs less than a batch's fixed cost (an idle model "
+        "runs a request at once); fixed: every batch waits up to --max-queue-delay-ms, as Triton",
+    )
     p.add_argument(
         "--max-queue-size",
         type=int,
@@ -79,6 +91,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message accepted")
     p.add_argument("--grace-seconds", type=float, default=30.0, help="drain time on SIGTERM")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own sessions; "
+        "0: one below 4 cores, else one per 2 cores (docs/operations.md)",
+    )
+    p.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)  # set by the supervisor
+    p.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument(
         "--max-inflight",
         type=int,
@@ -205,6 +226,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_image_pixels": (64, 1_000_000_000),
     "max_message_mb": (0.01, 2047),
     "grace_seconds": (0, 3600),
+    "workers": (0, 256),
     "max_inflight": (1, 1_000_000),
     "max_streams": (1, 1_000_000),
     "max_inflight_mb": (1, 10**7),
@@ -254,6 +276,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     cuda_options = tuple(tuple(o.split("=", 1)) for o in args.cuda_option)
     io_binding = {"auto": None, "on": True, "off": False}[args.io_binding]
+    # A worker of N shares the cores with the others: its onnxruntime and decode threads take its share.
+    share = max(1, default_threads() // args.worker_count) if args.worker_count > 1 else 0
     max_bytes = int(args.max_message_mb * 1024 * 1024)
     config = ServerConfig(
         model_repo=args.model_repo,
@@ -263,7 +287,7 @@ def serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         runtime=RuntimeOptions(
             device=args.device,
-            intra_op_threads=args.intra_op_threads,
+            intra_op_threads=args.intra_op_threads or share,
             inter_op_threads=args.inter_op_threads,
             cuda_options=cuda_options,
             io_binding=io_binding,
@@ -271,6 +295,7 @@ def serve(args: argparse.Namespace) -> int:
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_queue_delay=args.max_queue_delay_ms / 1000.0,
+            adaptive=args.batch_window == "adaptive",
             max_queue_size=args.max_queue_size,
             instances=args.instances,
         ),
@@ -300,6 +325,8 @@ def serve(args: argparse.Namespace) -> int:
         metrics_max_connections=args.metrics_max_connections,
         metrics_timeout=args.metrics_timeout_seconds,
         metrics_token=args.metrics_token,
+        reuse_port=args.worker_index >= 0,
+        preprocess_threads=share,
     )
     if args.metrics_token and args.auth_token_file is None:
         print("optic serve: --metrics-token needs --auth-token-file", file=sys.stderr)
@@ -312,6 +339,9 @@ def serve(args: argparse.Namespace) -> int:
     if not args.model_repo.is_dir():
         print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)
         return 2
+    workers = args.workers or default_workers(default_threads())
+    if workers > 1 and args.worker_index < 0:
+        return _supervise(args, config, workers)
     try:
         run(config)
     except StartupError as exc:  # a port in use, an address that cannot be bound
@@ -323,6 +353,24 @@ def serve(args: argparse.Namespace) -> int:
     exit_anyway.daemon = True
     exit_anyway.start()
     return 0
+
+
+def _supervise(args: argparse.Namespace, config: ServerConfig, workers: int) -> int:
+    from optic.server.workers import port_is_free, supervise
+
+    ports = [(config.host, config.grpc_port, "--grpc-port"), (config.host, config.health_port, "--health-port")]
+    for host, port, flag in ports:
+        if flag == "--grpc-port" and port == 0:
+            print(
+                "optic serve: --workers needs a fixed --grpc-port (0 would give each worker its own)", file=sys.stderr
+            )
+            return 2
+        if port and not port_is_free(host, port):
+            print(f"optic serve: cannot listen on {host}:{port} ({flag}): the address is in use", file=sys.stderr)
+            return 2
+    tokens = load_tokens(config.security.token_file) if config.metrics_token and config.security.token_file else ()
+    options = {"max_connections": config.metrics_max_connections, "timeout": config.metrics_timeout, "tokens": tokens}
+    return supervise(args.argv, workers, config.grace_seconds, (config.metrics_host, config.metrics_port, options))
 
 
 def _security(args: argparse.Namespace) -> SecurityConfig | str:
@@ -387,9 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    worker = f"[worker {args.worker_index}] " if getattr(args, "worker_index", -1) >= 0 else ""
+    handler.setFormatter(EscapingFormatter(f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s"))
     handler.addFilter(RateLimit())  # no client can make warnings grow past 20 a minute per call site
     level = getattr(args, "log_level", "INFO").upper()
     logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", handlers=[handler])

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    max_streams_per_connection: int = 64
+    # Above any honest client's concurrency on one connection: gRPC counts a finished stream until its call object
+    # is released, so a client that keeps exactly this many calls busy sees some refused (REFUSED_STREAM ->
+    # UNAVAILABLE) as calls finish: measured 200 of 3,596 calls at 64 with a limit of 64.
+    max_streams_per_connection: int = 256
     keepalive_seconds: float = 60.0  # ping a connection that carried nothing for this long
     keepalive_timeout_seconds: float = 20.0  # and close it when the ping is not answered within this
     max_idle_seconds: float = 300.0  # close a connection with no call for this long

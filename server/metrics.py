@@ -8,6 +8,7 @@ the series count.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,16 +59,29 @@ INFERENCES = Counter(
     "Inference requests that reached a model version, by outcome (success/fail).",
     ["model", "version", "outcome"],
 )
-QUEUE_SIZE = Gauge("optic_queue_size", "Requests waiting in the batching queue.", ["model", "version"])
-INFLIGHT = Gauge("optic_inflight_requests", "Requests being handled now.", ["model"])
-MODEL_READY = Gauge("optic_model_ready", "1 when the model version is loaded and serving.", ["model", "version"])
+# Gauges say how ``--workers N`` processes combine (prometheus-client multiprocess mode; ignored with one process):
+# counts add up over the live workers; a model is ready only when every live worker serves it.
+QUEUE_SIZE = Gauge(
+    "optic_queue_size", "Requests waiting in the batching queue.", ["model", "version"], multiprocess_mode="livesum"
+)
+INFLIGHT = Gauge("optic_inflight_requests", "Requests being handled now.", ["model"], multiprocess_mode="livesum")
+MODEL_READY = Gauge(
+    "optic_model_ready",
+    "1 when the model version is loaded and serving.",
+    ["model", "version"],
+    multiprocess_mode="livemin",
+)
 ADMISSION_INFLIGHT = Gauge(
     "optic_admission_inflight",
     "What admission control counts now: inflight = unary calls + stream items, streams = open streaming calls.",
     ["kind"],
+    multiprocess_mode="livesum",
 )
 ADMISSION_LIMIT = Gauge(
-    "optic_admission_limit", "Admission limits (--max-inflight, --max-streams), for alerting on the ratio.", ["kind"]
+    "optic_admission_limit",
+    "Admission limits (--max-inflight, --max-streams), for alerting on the ratio.",
+    ["kind"],
+    multiprocess_mode="livesum",
 )
 MODEL_LOAD_FAILURES = Counter("optic_model_load_failures", "Failed attempts to load a model version.", ["model"])
 
@@ -134,10 +148,29 @@ class ModelStats:
             self._failed.inc()
 
     def track_queue(self, size: Callable[[], int]) -> None:
-        QUEUE_SIZE.labels(self.model, self.version).set_function(size)
+        if MULTIPROCESS:  # the value lives in a shared file, read by the supervisor: refresh() writes it
+            _POLLED[(self.model, self.version)] = size
+        else:
+            QUEUE_SIZE.labels(self.model, self.version).set_function(size)
 
     def retire(self) -> None:
         """The version is unloaded: its gauges go, its counters stay (Prometheus counters never go back)."""
+        if MULTIPROCESS:  # series cannot be removed from the workers' shared files: they read 0
+            _POLLED.pop((self.model, self.version), None)
+            QUEUE_SIZE.labels(self.model, self.version).set(0)
+            MODEL_READY.labels(self.model, self.version).set(0)
+            return
         for gauge in (QUEUE_SIZE, MODEL_READY):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.model, self.version)
+
+
+# --workers N: prometheus-client's multiprocess mode (set by the supervisor) keeps values in files it sums up;
+# gauges computed on read (set_function) are not supported there, so queue sizes are written once a second.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+_POLLED: dict[tuple[str, str], Callable[[], int]] = {}
+
+
+def refresh() -> None:
+    for (model, version), size in list(_POLLED.items()):
+        QUEUE_SIZE.labels(model, version).set(size())

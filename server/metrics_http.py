@@ -15,7 +15,7 @@ import contextlib
 import hmac
 import logging
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 _HEAD_LIMIT = 8192
@@ -23,9 +23,15 @@ _HEAD_LIMIT = 8192
 
 class MetricsServer:
     def __init__(
-        self, host: str, port: int, max_connections: int = 16, timeout: float = 5.0, tokens: tuple[bytes, ...] = ()
+        self,
+        host: str,
+        port: int,
+        max_connections: int = 16,
+        timeout: float = 5.0,
+        tokens: tuple[bytes, ...] = (),
+        registry: CollectorRegistry = REGISTRY,
     ) -> None:
-        self.host, self.port = host, port
+        self.host, self.port, self.registry = host, port, registry
         self.max_connections, self.timeout, self.tokens = max_connections, timeout, tokens
         self.active = 0
         self._server: asyncio.Server | None = None
@@ -68,7 +74,7 @@ class MetricsServer:
             elif not self._authorised(head):
                 status, body, kind = b"401 Unauthorized", b"send 'Authorization: Bearer <token>'\n", b"text/plain"
             else:
-                status, body, kind = b"200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST.encode()
+                status, body, kind = b"200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
             writer.write(
                 b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind + b"\r\nContent-Length: "
                 + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + (body if method != b"HEAD" else b"")

@@ -254,6 +254,7 @@ class ModelRepository:
         runtime = ticket.track(OnnxModel(path, self.runtime_options))
         effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, self.defaults)
         batching, timeout, reject = cfgmod.batching_of(effective)
+        batching = replace(batching, adaptive=self.defaults.batching.adaptive)  # a server policy, not in config.pbtxt
         if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
             # Concurrent runs share the cores instead of each claiming all of them: only the config says
             # how many runs there are, so this (rarer) case opens the session again with fewer threads.

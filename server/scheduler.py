@@ -3,10 +3,19 @@
 Requests queue with their own future and deadline. One scheduling task per
 model waits until an execution slot is free, takes the oldest live request,
 gathers compatible requests (same input names, dtypes and non-batch shapes)
-until the batch is full or the oldest has waited ``max_queue_delay``, then
-runs the stacked batch in a worker thread and splits the outputs back. While a
-batch runs, the next one accumulates, so under load batches fill by
-themselves and at low load a lone request waits at most ``max_queue_delay``.
+and runs the stacked batch in a worker thread, splitting the outputs back.
+While a batch runs, the next one accumulates, so under load batches fill by
+themselves.
+
+How long to gather is the policy. ``fixed`` (Triton's): until the batch is
+full or the oldest has waited ``max_queue_delay``, so a lone request always
+waits the whole window. ``adaptive`` (the default): wait for the next arrival
+only while it is worth it, that is while the requests already gathered would
+wait less in total (their count x the expected gap to the next arrival) than
+the per-batch cost a merged request saves (the intercept of batch time against
+batch size, fitted on recent batches); never past ``max_queue_delay``. An idle
+model with sparse traffic runs a request at once; dense arrivals on a model
+with a large per-batch cost still gather.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class BatchingConfig:
     instances: int = 1  # batches allowed to run at once
     # Batch sizes to dispatch at as soon as they are reached and nothing compatible is waiting (Triton's meaning).
     preferred_batch_sizes: tuple[int, ...] = ()
+    adaptive: bool = True  # gather only while waiting pays (module docstring); False: always the whole window
 
 
 @dataclass
@@ -81,6 +91,9 @@ class DynamicBatcher:
         self._progress = asyncio.Event()  # set whenever the queue shrinks or a batch finishes (for close)
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_arrival: float | None = None
+        self._gap: float | None = None  # EWMA of the time between arrivals, seconds
+        self._timings: deque[tuple[int, float]] = deque(maxlen=64)  # (batch size, seconds) of recent batches
 
     @property
     def queued(self) -> int:
@@ -135,6 +148,10 @@ class DynamicBatcher:
             None if timeout is None else now + timeout,
         )
         self._queue.append(item)
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._gap = gap if self._gap is None else 0.9 * self._gap + 0.1 * gap
+        self._last_arrival = now
         self._arrived.set()
         # If the caller is cancelled (client gone), the future is cancelled too and
         # the scheduler drops the request before it reaches the session.
@@ -196,6 +213,8 @@ class DynamicBatcher:
                     break
                 if size in self.config.preferred_batch_sizes and not more:
                     break
+                if self.config.adaptive and not self._worth_waiting(size):
+                    break
                 # Wake for the next arrival, the flush, or the first deadline of a request already gathered.
                 wake = min([flush_at, *(p.deadline for p in batch if p.deadline is not None)])
                 self._arrived.clear()
@@ -215,6 +234,19 @@ class DynamicBatcher:
             self._running.add(task)
             task.add_done_callback(self._finished)
             self._progress.set()
+
+    def per_batch_cost(self) -> float:
+        """Seconds a batch costs whatever its size: the intercept of a least-squares line through recent
+        (size, time) pairs; 0 until two sizes have been seen."""
+        if len({b for b, _ in self._timings}) < 2:
+            return 0.0
+        sizes = np.array([b for b, _ in self._timings], dtype=np.float64)
+        times = np.array([t for _, t in self._timings], dtype=np.float64)
+        slope = np.cov(sizes, times, bias=True)[0, 1] / sizes.var()
+        return max(0.0, float(times.mean() - slope * sizes.mean()))
+
+    def _worth_waiting(self, gathered: int) -> bool:
+        return self._gap is not None and gathered * self._gap < self.per_batch_cost()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -256,6 +288,7 @@ class DynamicBatcher:
                     else:
                         p.future.set_result(dict(outputs))
                 offset += p.size
+            self._timings.append((total, infer_seconds))
             if self._observer:
                 done = time.monotonic()
                 self._observer.observe_batch(total, gathered - started, infer_seconds, done - split_start)

@@ -87,6 +87,10 @@ def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_por
         "--metrics-host",
         "127.0.0.1",
         *(["--health-port", str(hp)] if hp else []),
+        # One process whatever the machine's cores, so tests that look at the server's process see the server;
+        # tests of --workers pass their own (the last flag wins).
+        "--workers",
+        "1",
         *extra,
     ]
     with open(log_path, "wb") as log:
@@ -110,8 +114,16 @@ def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_por
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    # A longer queue delay than the default makes batching under concurrency certain.
-    srv = start_server(tmp_path_factory.mktemp("server"), "--max-queue-delay-ms", "20", "--max-batch-size", "32")
+    # A fixed window longer than the default makes batching under concurrency certain.
+    srv = start_server(
+        tmp_path_factory.mktemp("server"),
+        "--max-queue-delay-ms",
+        "20",
+        "--max-batch-size",
+        "32",
+        "--batch-window",
+        "fixed",
+    )
     yield srv
     assert srv.stop() == 0, srv.log()
 

@@ -330,7 +330,7 @@ def test_sigterm_during_a_stuck_load_exits_within_the_grace_period(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "optic.server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1",
              "--grpc-port", port, "--metrics-port", "0", "--model-load-timeout-seconds", "600",
-             "--grace-seconds", "2"],
+             "--grace-seconds", "2", "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
     time.sleep(6)  # loading: the spinning warm-up holds a loader thread

@@ -256,7 +256,7 @@ def test_a_model_failing_at_run_time_fails_only_the_poisoned_request(tmp_path: P
     write_model(repo, "divide", divide_model(), config)
     (repo / "divide" / "warmup").mkdir()
     (repo / "divide" / "warmup" / "ones").write_bytes(np.ones(1, np.int64).tobytes())
-    srv = start_server(tmp_path, repo=repo)
+    srv = start_server(tmp_path, "--batch-window", "fixed", repo=repo)  # the 300 ms window batches them
     try:
         good = infer_request("divide", "d", np.array([[4]], np.int64), "INT64")
         bad = infer_request("divide", "d", np.array([[0]], np.int64), "INT64")

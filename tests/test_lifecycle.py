@@ -312,7 +312,8 @@ dynamic_batching {
   default_queue_policy { default_timeout_microseconds: 100000 allow_timeout_override: true }
 }
 """
-    srv = start_server(tmp_path, repo=_repo(tmp_path, config=config))
+    # The fixed window keeps a lone request queued for the whole delay, longer than the policy's timeout.
+    srv = start_server(tmp_path, "--batch-window", "fixed", repo=_repo(tmp_path, config=config))
     try:
         with tc.InferenceServerClient(srv.url) as client:
             started = time.monotonic()

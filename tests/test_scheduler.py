@@ -164,13 +164,14 @@ def test_batch_size_limits():
     run(_with_batcher(Recorder(), BatchingConfig(max_batch_size=4), body))
 
 
-def test_lone_request_waits_at_most_the_queue_delay():
+def test_fixed_window_lone_request_waits_at_most_the_queue_delay():
     async def body(b):
         started = time.monotonic()
         await b.infer({"x": np.zeros((1, 1), np.float32)})
         return time.monotonic() - started
 
-    waited = run(_with_batcher(Recorder(), BatchingConfig(max_batch_size=8, max_queue_delay=0.05), body))
+    config = BatchingConfig(max_batch_size=8, max_queue_delay=0.05, adaptive=False)
+    waited = run(_with_batcher(Recorder(), config, body))
     assert 0.04 <= waited < 2.0
 
 
@@ -187,9 +188,9 @@ def test_preferred_batch_size_dispatches_without_waiting_out_the_delay():
     assert model.sizes == [2] and elapsed < 1.0  # not the 2 s queue delay
 
 
-def test_without_preferred_sizes_a_partial_batch_waits_for_the_delay():
+def test_fixed_window_partial_batch_waits_for_the_delay():
     model = Recorder()
-    config = BatchingConfig(max_batch_size=8, max_queue_delay=0.3)
+    config = BatchingConfig(max_batch_size=8, max_queue_delay=0.3, adaptive=False)
 
     async def body(b):
         started = time.monotonic()
@@ -201,7 +202,7 @@ def test_without_preferred_sizes_a_partial_batch_waits_for_the_delay():
 
 def test_deadline_while_gathering_answers_promptly_and_never_runs():
     model = Recorder()
-    config = BatchingConfig(max_batch_size=8, max_queue_delay=2.0)
+    config = BatchingConfig(max_batch_size=8, max_queue_delay=2.0, adaptive=False)
 
     async def body(b):
         started = time.monotonic()
@@ -211,3 +212,58 @@ def test_deadline_while_gathering_answers_promptly_and_never_runs():
 
     elapsed = run(_with_batcher(model, config, body))
     assert elapsed < 1.0 and model.sizes == []
+
+
+def test_adaptive_idle_model_runs_a_lone_request_at_once():
+    """Sparse traffic: no request waits for company that is not coming (the fixed window would wait 0.3 s)."""
+    model = Recorder()
+
+    async def body(b):
+        waits = []
+        for _ in range(5):
+            started = time.monotonic()
+            await b.infer({"x": np.zeros((1, 1), np.float32)})
+            waits.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        return waits
+
+    waits = run(_with_batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay=0.3), body))
+    assert max(waits) < 0.1 and model.sizes == [1] * 5
+
+
+class Costly(Recorder):
+    """A model whose batch costs 40 ms whatever its size, plus 1 ms a sample (a GPU-like profile)."""
+
+    def __call__(self, feeds):
+        self.delay = 0.04 + 0.001 * len(feeds["x"])
+        return super().__call__(feeds)
+
+
+def test_adaptive_dense_arrivals_on_a_costly_model_still_gather():
+    """Requests 2 ms apart to a model with a 40 ms per-batch cost: waiting for the next one pays, so batches grow
+    (the fit needs two batch sizes first); sparse arrivals to the same model run at once."""
+    model = Costly()
+
+    async def body(b):
+        async def spaced(n: int, gap: float) -> None:
+            calls = []
+            for _ in range(n):
+                calls.append(asyncio.ensure_future(b.infer({"x": np.ones((1, 2), np.float32)})))
+                await asyncio.sleep(gap)
+            await asyncio.gather(*calls)
+
+        await spaced(6, 0.0)  # a burst: sizes 1 and 5 teach the fit the per-batch cost
+        model.sizes.clear()
+        await spaced(40, 0.002)
+        dense = list(model.sizes)
+        model.sizes.clear()
+        for _ in range(3):
+            await spaced(1, 0.0)
+            await asyncio.sleep(0.2)
+        assert b.per_batch_cost() > 0.02
+        return dense, list(model.sizes)
+
+    dense, sparse = run(_with_batcher(model, BatchingConfig(max_batch_size=32, max_queue_delay=0.03), body))
+    assert sum(dense) == 40 and len(dense) <= 6, dense
+    assert dense[0] > 1, dense  # the first request waited for company: dispatch-when-idle alone would send it alone
+    assert sparse == [1, 1, 1]

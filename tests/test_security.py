@@ -323,7 +323,8 @@ def test_security_flag_mistakes_stop_the_server_at_once(pki: Pki, tmp_path: Path
     }
     args = [f.format(**paths) for f in flags]
     done = subprocess.run(
-        [sys.executable, "-m", "optic.server.cli", "serve", "--model-repo", str(MODEL_REPO), "--grpc-port", "0", *args],
+        [sys.executable, "-m", "optic.server.cli", "serve", "--model-repo", str(MODEL_REPO), "--grpc-port", "0",
+         "--workers", "1", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

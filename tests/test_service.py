@@ -97,7 +97,7 @@ def test_optic_infer_cli(server, tmp_path):
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     # A long queue delay keeps requests in flight when SIGTERM lands.
-    srv = start_server(tmp_path, "--max-queue-delay-ms", "400", "--max-batch-size", "64")
+    srv = start_server(tmp_path, "--max-queue-delay-ms", "400", "--max-batch-size", "64", "--batch-window", "fixed")
     images = [encode(s.image) for s in make_scenes(16, seed=77)]
 
     async def load_then_term() -> list:

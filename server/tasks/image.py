@@ -117,7 +117,8 @@ def decode_image(data: bytes, limits: ImageLimits, spec: InputSpec | None = None
     img = _open(data, limits)
     draft = spec is not None and spec.decode == "draft" and img.format == "JPEG"
     try:
-        rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        orientation = img.getexif().get(0x0112, 1)
+        rotated = orientation in (5, 6, 7, 8)  # EXIF orientations that swap the sides
         width, height = (img.height, img.width) if rotated else (img.width, img.height)
         if spec is not None and spec.pipeline == "ultralytics":
             factor = _draft_factor(img.width, img.height, spec.size) if draft else 1
@@ -135,7 +136,8 @@ def decode_image(data: bytes, limits: ImageLimits, spec: InputSpec | None = None
             side = max(spec.size)
             img.draft("RGB", (side, side))  # DCT-domain downscale, staying >= the target in either orientation
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:  # exif_transpose copies the image even when there is nothing to turn
+            img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
     if img.mode in _WIDE:
