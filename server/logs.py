@@ -29,7 +29,7 @@ class EscapingFormatter(logging.Formatter):
 
 
 class RateLimit(logging.Filter):
-    """At most ``burst`` warnings (and worse) per call site (logger, level, message template) per ``seconds``.
+    """At most ``burst`` warnings (and worse) per call site (logger, level, file and line) per ``seconds``.
 
     A client that can make a call fail the same way (an INTERNAL error, a
     failing batch) could otherwise write log lines, and tracebacks, as fast as
@@ -39,13 +39,14 @@ class RateLimit(logging.Filter):
     def __init__(self, burst: int = 20, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.burst, self.seconds, self._clock = burst, seconds, clock
-        self._sites: OrderedDict[tuple[str, int, str], tuple[float, int, int]] = OrderedDict()
+        self._sites: OrderedDict[tuple[str, int, str, int], tuple[float, int, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:  # what the server says on its own: start, loads, drain
             return True
-        key = (record.name, record.levelno, str(record.msg)[:200])
+        # The call site, not the text: some messages arrive formatted, with a new object's name in each.
+        key = (record.name, record.levelno, record.pathname, record.lineno)
         now = self._clock()
         with self._lock:
             start, count, dropped = self._sites.pop(key, (now, 0, 0))

@@ -33,7 +33,11 @@ class MetricsServer:
     ) -> None:
         self.host, self.port, self.registry = host, port, registry
         self.max_connections, self.timeout, self.tokens = max_connections, timeout, tokens
+        # One address may hold a quarter of the connections: a client that opens sockets and never finishes its
+        # request cannot lock the scraper (another address) out.
+        self.per_address = max(1, max_connections // 4)
         self.active = 0
+        self._by_address: dict[str, int] = {}
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -60,10 +64,13 @@ class MetricsServer:
         return False
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
-            writer.close()  # over the cap: closed at once, costs nothing more
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self.active >= self.max_connections or self._by_address.get(address, 0) >= self.per_address:
+            writer.close()  # over a cap: closed at once, costs nothing more
             return
         self.active += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
             method, path, *_ = [*head.split(b"\r\n", 1)[0].split(b" "), b"", b""]
@@ -84,6 +91,9 @@ class MetricsServer:
             pass  # slow, oversized or broken requests are dropped without a word
         finally:
             self.active -= 1
+            self._by_address[address] -= 1
+            if not self._by_address[address]:
+                del self._by_address[address]
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)

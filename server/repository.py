@@ -190,6 +190,7 @@ class ModelRepository:
         self._retired: set[ServedModel] = set()  # retired, still finishing what they hold
         self._tickets: set[_Ticket] = set()  # loads in progress
         self._poller: asyncio.Task[None] | None = None
+        self._poll_loads: dict[str, asyncio.Task[None]] = {}  # loads a scan started, by model name
 
     # ------------------------------------------------------------------ discovery
 
@@ -430,23 +431,41 @@ class ModelRepository:
         if self.control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever(), name="repository-poll")
 
-    async def poll_once(self) -> None:
-        """Load new or changed models, unload removed ones."""
+    async def poll_once(self, wait: bool = True) -> None:
+        """Load new or changed models, unload removed ones.
+
+        Each load runs on its own, so a model whose load hangs (until ``load_timeout``) holds back neither the
+        others nor the next scans; a model still loading from an earlier scan is left to finish. ``wait``: return
+        only when this scan's loads are done (the poller itself does not wait)."""
         dirs = await asyncio.to_thread(self.model_dirs)
+        started: list[asyncio.Task[None]] = []
         for name, model_dir in dirs.items():
+            if name in self._poll_loads:
+                continue
             state = self.states.get(name)
             if state is None or state.signature != self._signature(model_dir):
-                with contextlib.suppress(OpticError):
-                    await self.load(name)
-        for name in [n for n in self.versions if n not in dirs]:
+                task = asyncio.get_running_loop().create_task(self._quiet_load(name), name=f"poll-load-{name}")
+                self._poll_loads[name] = task
+                task.add_done_callback(functools.partial(self._poll_done, name))
+                started.append(task)
+        for name in [n for n in self.versions if n not in dirs and n not in self._poll_loads]:
             await self.unload(name)
             self.states.pop(name, None)
+        if wait and started:
+            await asyncio.gather(*started)
+
+    def _poll_done(self, name: str, _: asyncio.Task[None]) -> None:
+        self._poll_loads.pop(name, None)
+
+    async def _quiet_load(self, name: str) -> None:
+        with contextlib.suppress(OpticError):  # the failure is in the model's state and the log
+            await self.load(name)
 
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.poll_seconds)
             try:
-                await self.poll_once()
+                await self.poll_once(wait=False)
             except Exception:  # a broken repository must not stop polling
                 log.exception("polling %s failed", self.root)
 
@@ -463,6 +482,9 @@ class ModelRepository:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        for task in list(self._poll_loads.values()):
+            task.cancel()
+        await asyncio.gather(*self._poll_loads.values(), return_exceptions=True)
         for name in list(self.versions):
             for model in self.versions.pop(name).values():
                 self._retire(model, keep_ready=False)

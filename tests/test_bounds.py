@@ -226,6 +226,15 @@ def test_half_sent_metrics_requests_cost_a_bounded_number_of_fds(tmp_path):
         assert fds(srv.proc.pid) - before <= 2
         body = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
         assert "optic_requests_total" in body
+        # Half-sent requests from one address take at most a quarter of the cap: a scraper elsewhere (another
+        # loopback address here) still gets its answer while they are held.
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", srv.metrics_port), source_address=("127.0.0.2", 0))
+            s.sendall(b"GET /metr")
+            sockets.append(s)
+        time.sleep(0.2)
+        body = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
+        assert "optic_requests_total" in body
     finally:
         for s in sockets:
             s.close()
@@ -318,6 +327,28 @@ def test_a_model_that_never_warms_up_is_abandoned_and_holds_nothing_back(tmp_pat
         stopping = time.monotonic()
         assert srv.stop() == 0, srv.log()
         assert time.monotonic() - stopping < 3 + 10
+
+
+def test_poll_mode_loads_other_models_while_one_load_hangs(tmp_path):
+    """A hanging load found by a scan holds back neither the models added after it nor later scans."""
+    repo = copy_models(tmp_path / "repo", "classifier")
+    srv = start_server(
+        tmp_path, "--model-load-timeout-seconds", "60", "--model-control-mode", "poll", "--repository-poll-secs",
+        "0.3", "--grace-seconds", "2", repo=repo,
+    )  # fmt: skip
+    try:
+        spinning_model(repo / "spin" / "1" / "model.onnx")
+        time.sleep(1.5)  # a scan has found it and is stuck in its warm-up
+        shutil.copytree(MODEL_REPO / "detector", repo / "detector")
+        deadline = time.monotonic() + 15  # not the 60 s the hanging load may take
+        while index(srv.url).get("detector", ("", ""))[0] != "READY":
+            assert time.monotonic() < deadline, index(srv.url)
+            time.sleep(0.3)
+        assert classify_ok(srv.url)
+    finally:
+        stopping = time.monotonic()
+        assert srv.stop() == 0, srv.log()
+        assert time.monotonic() - stopping < 2 + 10
 
 
 def test_sigterm_during_a_stuck_load_exits_within_the_grace_period(tmp_path):
@@ -501,6 +532,22 @@ def test_a_call_of_huge_images_cannot_starve_small_calls(tmp_path):
             assert not heavy.done() or heavy.result(), "the heavy call should still be decoding"
             heavy.result()
         assert max(latencies) < 2.0, latencies
+        # Eight such calls of 2 from one client (one connection): the victim, on its own connection, waits for
+        # one of them at most, not for all eight (turns go to connections first, then to their calls).
+        with grpc.insecure_channel(srv.url, options=[("grpc.max_send_message_length", 1 << 28)]) as ch, \
+                grpc.insecure_channel(srv.url, options=[("grpc.use_local_subchannel_pool", 1)]) as own:  # fmt: skip
+            request = pb.ClassifyRequest(model="classifier", images=[pb.Image(data=big)] * 2)
+            flood = [pb_grpc.VisionStub(ch).Classify.future(request, timeout=120) for _ in range(8)]
+            time.sleep(0.3)
+            latencies = []
+            for _ in range(5):
+                started = time.monotonic()
+                pb_grpc.VisionStub(own).Classify(pb.ClassifyRequest(model="classifier", image=pb.Image(data=victim)),
+                                                 timeout=5)  # fmt: skip
+                latencies.append(time.monotonic() - started)
+            for f in flood:
+                f.cancel()
+        assert max(latencies) < 2.0, latencies
     finally:
         assert srv.stop() == 0, srv.log()
 
@@ -544,22 +591,34 @@ def test_refused_big_requests_leave_no_memory_behind(tmp_path):
 
 
 def test_cancelled_streams_log_no_tracebacks(tmp_path):
+    """Streams cancelled at any point (mid-window, right after a write, after the last answer) leave no
+    "Task exception was never retrieved" and no traceback behind."""
     repo = copy_models(tmp_path / "repo", "detector", "classifier")
     srv = start_server(tmp_path, repo=repo)
+    infer = kpb.ModelInferRequest(model_name="classifier")
+    infer.inputs.add(name="images", datatype="FP32", shape=[1, 3, 64, 64])
+    infer.raw_input_contents.append(np.zeros((1, 3, 64, 64), np.float32).tobytes())
 
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(srv.url) as ch:
-            for _ in range(5):
+            for n in range(20):
                 call = pb_grpc.VisionStub(ch).DetectStream()
                 for i in range(6):
-                    await call.write(
-                        pb.DetectFrame(
-                            frame_id=i, request=pb.DetectRequest(model="detector", image=pb.Image(data=IMAGE))
-                        )
-                    )
-                await call.read()
+                    frame = pb.DetectRequest(model="detector", image=pb.Image(data=IMAGE))
+                    await call.write(pb.DetectFrame(frame_id=i, request=frame))
+                if n % 2:
+                    await call.read()
                 call.cancel()
-                await asyncio.sleep(0.2)
+            for n in range(30):
+                stream = kpb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
+                for _ in range(1 + n % 3):
+                    await stream.write(infer)
+                if n % 3 == 0:
+                    await stream.done_writing()
+                if n % 2:
+                    await stream.read()
+                stream.cancel()
+            await asyncio.sleep(0.5)
 
     try:
         asyncio.run(scenario())
@@ -734,19 +793,23 @@ def test_memory_stays_under_the_documented_formula_with_every_path_at_its_limit(
 
 
 def test_log_lines_a_client_can_cause_are_rate_limited():
-    """Warnings and errors (a client can provoke some on demand) are kept to 20 a minute per call site."""
+    """Warnings and errors (a client can provoke some on demand) are kept to 20 a minute per call site, also when
+    each message arrives formatted with a new object's name in it (asyncio's "Task exception was never retrieved")."""
     from optic.server.logs import RateLimit
 
     now = [0.0]
     limit = RateLimit(burst=20, seconds=60, clock=lambda: now[0])
-    record = lambda level, msg: logging.LogRecord("optic.x", level, __file__, 1, msg, ("a",), None)  # noqa: E731
-    kept = [limit.filter(record(logging.ERROR, "batch of %s failed")) for _ in range(1000)]
+
+    def record(level: int, msg: str, line: int = 1) -> logging.LogRecord:
+        return logging.LogRecord("optic.x", level, __file__, line, msg, ("a",), None)
+
+    kept = [limit.filter(record(logging.ERROR, f"task <Task-{i}> exception was never retrieved")) for i in range(1000)]
     assert sum(kept) == 20
     assert all(limit.filter(record(logging.INFO, "loaded %s")) for _ in range(100)), "the server's own lines stay"
-    assert limit.filter(record(logging.ERROR, "another site %s"))
+    assert limit.filter(record(logging.ERROR, "another site %s", line=2))
     now[0] = 61.0
     first = record(logging.ERROR, "batch of %s failed")
     assert limit.filter(first) and "980 more like this dropped" in first.getMessage()
-    for i in range(5000):  # distinct messages (a client string in the template) cannot grow the table past its cap
-        limit.filter(record(logging.WARNING, f"odd {i}"))
+    for line in range(5000):  # however many call sites, the table stays bounded
+        limit.filter(record(logging.WARNING, "odd", line=line))
     assert len(limit._sites) <= 1000

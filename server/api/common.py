@@ -7,6 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -66,8 +67,29 @@ def rpc(method: str, model_of: Callable[[Any], str] | None = None) -> Callable[[
 
 
 def time_left(context: grpc.aio.ServicerContext) -> float | None:
-    """Seconds until the client's deadline, or None when it set none."""
+    """Seconds until the client's deadline, or None when it set none (a live call's context only)."""
     return context.time_remaining()
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What a call's context says about its client, read once while the call is live.
+
+    A stream's items are handled after their stream may have ended (the client cancelled): its context must not
+    be touched then. grpcio's ``context.peer()`` on a finished call crashes the process (SIGSEGV, found by a test
+    that cancels streams mid-window).
+    """
+
+    peer: str
+    deadline: float | None  # time.monotonic() at the client's deadline
+
+    @classmethod
+    def of(cls, context: grpc.aio.ServicerContext) -> CallInfo:
+        remaining = context.time_remaining()
+        return cls(context.peer(), None if remaining is None else time.monotonic() + remaining)
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
 
 async def counted(model: str, method: str, call: Awaitable[Resp]) -> Resp:

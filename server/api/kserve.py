@@ -11,7 +11,7 @@ from optic.proto.inference import grpc_service_pb2 as pb
 from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from optic.server import __version__, overrides
 from optic.server.admission import Admission
-from optic.server.api.common import counted, rpc, time_left
+from optic.server.api.common import CallInfo, counted, rpc, time_left
 from optic.server.api.streams import StreamIdle, StreamLimits, in_order
 from optic.server.config import PLATFORM
 from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError
@@ -180,10 +180,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they batch); responses come back in request order, errors in-band."""
+        call = CallInfo.of(context)  # the stream's deadline, read while it is live
 
         def start(request: pb.ModelInferRequest) -> Awaitable[pb.ModelInferResponse]:
             label = self.repo.metric_label(request.model_name)
-            return counted(label, "ModelStreamInfer", self._infer(request, time_left(context)))
+            return counted(label, "ModelStreamInfer", self._infer(request, call.time_left()))
 
         answers = in_order(requests, start, self._streams, self._admission.enter, self._admission.leave)
         try:

@@ -104,6 +104,8 @@ async def in_order(
                 waiting.cancel()
                 with contextlib.suppress(BaseException):
                     await waiting
+            elif not waiting.cancelled():
+                waiting.exception()  # the stream's end (StopAsyncIteration) or error, observed: never "not retrieved"
 
     async def read() -> None:
         it = requests.__aiter__()

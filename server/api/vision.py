@@ -16,7 +16,7 @@ import grpc
 
 from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.server.admission import Admission
-from optic.server.api.common import counted, rpc, time_left
+from optic.server.api.common import CallInfo, counted, rpc
 from optic.server.api.streams import StreamIdle, StreamLimits, in_order
 from optic.server.errors import InvalidArgument, NotFound, OpticError
 from optic.server.handlers import fail
@@ -76,11 +76,11 @@ class VisionServicer:
         response_type: Any,
         call: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] | None = None,
     ) -> grpc.RpcMethodHandler:
-        target = call or functools.partial(self._call, method)
-
         @rpc(method, lambda r: r.model)
         async def behaviour(_: VisionServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await target(request, context)
+            if call is not None:
+                return await call(request, context)
+            return await self._call(method, request, CallInfo.of(context))
 
         return grpc.unary_unary_rpc_method_handler(
             functools.partial(behaviour, self),
@@ -88,8 +88,9 @@ class VisionServicer:
             response_serializer=response_type.SerializeToString,
         )
 
-    def _work(self, context: grpc.aio.ServicerContext) -> Work:
-        return Work(self.repo, self._executor, self._limits, self._call_limits, time_left(context), _observe)
+    def _work(self, call: CallInfo) -> Work:
+        limits = self._call_limits
+        return Work(self.repo, self._executor, self._limits, limits, call.time_left(), _observe, call.peer)
 
     def _resolve(self, tasks: list[Task], name: str) -> str:
         for task in tasks:
@@ -118,7 +119,7 @@ class VisionServicer:
             known = ", ".join(self.public_names()) or "none"
             raise NotFound(f"unknown model {printable(name)}; this server has: {known}") from None
 
-    async def _call(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def _call(self, method: str, request: Any, call: CallInfo) -> Any:
         tasks = tasks_of_rpc(method)
         name = self._resolve(tasks, request.model)
         self._lookup(name, request.model_version)
@@ -131,7 +132,7 @@ class VisionServicer:
                     f"{method} needs a {wanted} model"
                 )
             task.check(model)
-            return await task.handle(self._work(context), request, model)
+            return await task.handle(self._work(call), request, model)
 
     async def _metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         name = self._resolve(list(TASKS.values()), request.model)
@@ -164,10 +165,11 @@ class VisionServicer:
         self, frames: AsyncIterator[pb.DetectFrame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DetectFrameResult]:
         """Frames are processed concurrently (a bounded window) and answered in arrival order, errors in-band."""
+        call = CallInfo.of(context)  # read while the stream is live: frames may be handled after it ended
 
         def start(frame: pb.DetectFrame) -> Awaitable[pb.DetectResponse]:
             label = self.repo.metric_label(frame.request.model)
-            return counted(label, "DetectStream", self._call("Detect", frame.request, context))
+            return counted(label, "DetectStream", self._call("Detect", frame.request, call))
 
         answers = in_order(frames, start, self._streams, self._admission.enter, self._admission.leave)
         try:

@@ -52,8 +52,10 @@ class Work:
         call_limits: CallLimits,
         timeout: float | None,
         observe: Callable[[str, str, float], None],
+        peer: str = "",
     ) -> None:
         self.repo = repo
+        self.peer = peer or self  # the client's connection (gRPC's peer address), for fair turns in the pool
         self.executor = executor
         self.limits = limits
         self.budget = CallBudget(call_limits)
@@ -74,7 +76,7 @@ class Work:
         if isinstance(source, bytes) and cheap_to_decode(source, self.limits):
             prepared = prepare(source, spec, self.limits)
         else:
-            prepared = await self.executor.run(self, prepare, source, spec, self.limits)
+            prepared = await self.executor.run(self, prepare, source, spec, self.limits, connection=self.peer)
         self.observe(model.name, "decode", prepared.decode_seconds)
         self.observe(model.name, "preprocess", prepared.preprocess_seconds)
         return prepared
@@ -99,8 +101,13 @@ class Work:
         model: ServedModel,
         sources: Sequence[ImageSource],
         finish: Callable[[Prepared, dict[str, np.ndarray]], Message],
+        at_image_size: bool = False,
     ) -> list[Message]:
-        """Prepare, infer and post-process every image concurrently; results in request order."""
+        """Prepare, infer and post-process every image concurrently; results in request order.
+
+        ``at_image_size``: the answers are built at the image's own size (masks), so large images are
+        post-processed in the worker pool; other answers (labels, boxes, captions) cost the same whatever the
+        image's size and are built at once, without a second turn in the pool's queue."""
 
         def finished(prepared: Prepared, outputs: dict[str, np.ndarray]) -> Message:
             result = finish(prepared, outputs)
@@ -111,10 +118,10 @@ class Work:
             prepared = await self.prepare(source, model)
             outputs = await self.infer(model, prepared.tensor)
             started = time.perf_counter()
-            if prepared.transform.width * prepared.transform.height > self.limits.inline_pixels:
+            if at_image_size and prepared.transform.width * prepared.transform.height > self.limits.inline_pixels:
                 # Work at the original size (a mask resampled and PNG-encoded: ~20 ms at 1080p) would stall
                 # the event loop, and with it every other call, including the cheap refusals under overload.
-                result = await self.executor.run(self, finished, prepared, outputs)
+                result = await self.executor.run(self, finished, prepared, outputs, connection=self.peer)
             else:
                 result = finished(prepared, outputs)
             self.observe(model.name, "postprocess", time.perf_counter() - started)
@@ -202,7 +209,8 @@ class Task(Generic[R]):
         params = self.validate(model, request)
         sources = sources_of(request)
         work.check(sources, masks=self.masks)
-        results = await work.each(model, sources, lambda p, o: self.finish(work, model, params, p, o))
+        finish = lambda p, o: self.finish(work, model, params, p, o)  # noqa: E731
+        results = await work.each(model, sources, finish, at_image_size=self.masks)
         return self.response_type(model=model.name, model_version=model.version, results=results)
 
     # ------------------------------------------------------------------ client side

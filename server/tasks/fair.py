@@ -3,8 +3,9 @@
 Decoding and large post-processing run in a shared pool. A plain pool serves
 jobs first come, first served, so one call with 64 huge images would hold
 every worker while small calls wait behind it. :class:`FairExecutor` keeps a
-queue per call and hands free workers to the calls in turn, so a call never
-gets more than its share while others are waiting.
+queue per connection and per call, and hands free workers to the connections
+in turn (and to the calls of a connection in turn), so neither a call nor a
+client with many calls gets more than its share while others are waiting.
 
 :class:`CallBudget` bounds, per call and before the work is done, the pixels
 its images hold, the pixels of the masks it asks for, the run-length
@@ -28,47 +29,59 @@ T = TypeVar("T")
 
 
 class FairExecutor:
-    """Round-robin over callers: each free worker takes the next job of the caller whose turn it is."""
+    """Round-robin over connections, and over the calls of each connection: each free worker takes the next job
+    of the connection whose turn it is, from the call whose turn it is there.
+
+    Two levels because either alone can be gamed: per call, one client with many concurrent calls gets a turn
+    for each of them; per connection alone, every client behind one proxy connection would share one turn."""
 
     def __init__(self, executor: Executor, workers: int) -> None:
         self._executor = executor
         self._free = max(1, workers)
-        # A caller may hold at most half the workers while others could use them: a call with many huge images
+        # A connection may hold at most half the workers while others could use them: one with many huge images
         # keeps at least one worker free for everyone else.
         self._share = max(1, workers // 2)
         self._active: dict[object, int] = {}
-        self._queues: OrderedDict[object, deque[tuple[Callable[..., Any], tuple, asyncio.Future[Any]]]] = OrderedDict()
+        self._queues: OrderedDict[object, OrderedDict[object, deque[_Job]]] = OrderedDict()
 
-    async def run(self, caller: object, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, caller: object, fn: Callable[..., T], *args: Any, connection: object = None) -> T:
+        """Run ``fn(*args)`` in the pool when the turn of ``connection`` (default: the caller itself) and, within
+        it, of ``caller`` (one call) comes."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(caller, deque()).append((fn, args, future))
+        conn = caller if connection is None else connection
+        self._queues.setdefault(conn, OrderedDict()).setdefault(caller, deque()).append((fn, args, future))
         self._dispatch()
         return await future
 
     def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while self._free:
-            caller = next((c for c in self._queues if self._active.get(c, 0) < self._share), None)
-            if caller is None:  # nothing queued, or every waiting caller has its share already
+            conn = next((c for c in self._queues if self._active.get(c, 0) < self._share), None)
+            if conn is None:  # nothing queued, or every waiting connection has its share already
                 return
-            queue = self._queues[caller]
+            calls = self._queues[conn]
+            caller, queue = next(iter(calls.items()))
             fn, args, future = queue.popleft()
             if queue:
-                self._queues.move_to_end(caller)  # this caller's next job waits for everyone else's turn
+                calls.move_to_end(caller)  # this call's next job waits for the connection's other calls
             else:
-                del self._queues[caller]
+                del calls[caller]
+            if calls:
+                self._queues.move_to_end(conn)  # and this connection's next job for the other connections
+            else:
+                del self._queues[conn]
             if future.cancelled():
                 continue
             self._free -= 1
-            self._active[caller] = self._active.get(caller, 0) + 1
+            self._active[conn] = self._active.get(conn, 0) + 1
             work = loop.run_in_executor(self._executor, fn, *args)
-            work.add_done_callback(functools.partial(self._finished, caller=caller, target=future))
+            work.add_done_callback(functools.partial(self._finished, conn=conn, target=future))
 
-    def _finished(self, done: asyncio.Future[Any], caller: object, target: asyncio.Future[Any]) -> None:
+    def _finished(self, done: asyncio.Future[Any], conn: object, target: asyncio.Future[Any]) -> None:
         self._free += 1
-        self._active[caller] -= 1
-        if not self._active[caller]:
-            del self._active[caller]
+        self._active[conn] -= 1
+        if not self._active[conn]:
+            del self._active[conn]
         if not target.cancelled():
             if done.exception() is not None:
                 target.set_exception(done.exception())  # type: ignore[arg-type]
@@ -77,6 +90,9 @@ class FairExecutor:
         elif not done.cancelled():
             done.exception()  # observed: never "exception was never retrieved"
         self._dispatch()
+
+
+_Job = tuple[Callable[..., Any], tuple, "asyncio.Future[Any]"]
 
 
 @dataclass(frozen=True)
