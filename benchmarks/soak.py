@@ -58,8 +58,18 @@ def _jpeg(image: np.ndarray, size: tuple[int, int] = (640, 480)) -> bytes:
     return buf.getvalue()
 
 
+def _classifier_side() -> int:
+    """The committed classifier's square input side, from its own metadata."""
+    import onnx
+
+    model = onnx.load(str(ROOT / "model_repo" / "classifier" / "1" / "model.onnx"), load_external_data=False)
+    size = json.loads({p.key: p.value for p in model.metadata_props}["optic.input.size"])
+    return int(size[0])
+
+
 def _tensor(value: float | None = None) -> bytes:
-    x = np.random.default_rng(1).random((1, 3, 64, 64), dtype=np.float32)
+    side = _classifier_side()
+    x = np.random.default_rng(1).random((1, 3, side, side), dtype=np.float32)
     if value is not None:
         x[0, 0, 0, 0] = value
     request = kpb.ModelInferRequest(model_name="classifier")

@@ -1,13 +1,16 @@
-"""Recipe: CNN encoder + LSTM decoder captioner, exported as two ONNX models, gated on BLEU-4.
+"""Recipe: the shared trunk's spatial tokens + an attention LSTM decoder, exported as two ONNX models.
 
-The gate decodes greedily with the exported ONNX pair (what will be served),
-and scores with sacrebleu.
+The encoder gives ``(features, h, c)``: ``features`` are the image tokens ``[N, T, d]`` (strides 16 and 32 of
+the pyramid, each with its position), ``h``/``c`` the decoder's initial state. The decoder is one step,
+``(token, h, c, features) -> (logits, h_out, c_out)``, attending over ``features`` (Show, Attend and Tell): the
+server's caption decoding calls it step by step and passes ``features`` through unchanged. The gate: the
+caption names the largest shape and its colour, greedy decoding through onnxruntime on the stress set.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +19,16 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from optic.export import evaluate
 from optic.export.data import COLORS, SHAPES, make_scenes
-from optic.export.models import CaptionDecoderStep, CaptionEncoder
+from optic.export.models import ExportedCaptionEncoder
 from optic.export.onnx_export import to_onnx
 from optic.export.onnx_io import session, set_metadata
-from optic.export.recipe import ModelReport, eval_props, finish
-from optic.export.train import seed_everything
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.train import TrunkRecipe, trained
 from optic.server.metadata import InputSpec, ModelMeta
-from optic.server.tasks.image import normalize
+from optic.server.tasks.image import preprocess
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 VOCAB: tuple[str, ...] = (
@@ -42,9 +45,12 @@ VOCAB: tuple[str, ...] = (
     "left",
     "right",
     "of",
+    "to",
+    "the",
 )
 MAX_LENGTH = 16  # tokens generated at most, <eos> included
-INPUT_SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+INPUT_SPEC = TrunkRecipe().input_spec
+# The simple scenes the examples and end-to-end tests caption (64 x 64, one neighbour at most).
 SCENE_ARGS: dict[str, Any] = {"size": 64, "max_distractors": 1, "distractor_scale": (0.4, 0.75)}
 TEST_SEED = 4_000_003
 ENCODER, DECODER = "captioner_encoder", "captioner_decoder"
@@ -53,12 +59,9 @@ ENCODER, DECODER = "captioner_encoder", "captioner_decoder"
 @dataclass(frozen=True)
 class CaptionerRecipe:
     seed: int = 0
-    epochs: int = 10
-    train_size: int = 6144
-    test_size: int = 500
-    batch_size: int = 64
-    lr: float = 3e-3
-    gate: float = 0.50  # BLEU-4 (sacrebleu, 0..1) with greedy decoding through onnxruntime
+    trunk: TrunkRecipe = field(default_factory=TrunkRecipe)
+    test_size: int | None = None  # stress caption scenes (None: evaluate.SLICES' count)
+    gate: float = 0.90  # share of captions naming the largest shape and its colour (stress caption slice)
     tolerance: float = 1e-4
 
 
@@ -86,72 +89,37 @@ def greedy_decode(encoder: ort.InferenceSession, decoder: ort.InferenceSession, 
 
 
 def bleu4(hypotheses: list[str], references: list[str]) -> float:
-    import sacrebleu
-
-    return sacrebleu.corpus_bleu(hypotheses, [references]).score / 100.0
+    return evaluate.bleu4(hypotheses, references)
 
 
 def _data(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Simple scenes (``SCENE_ARGS``) as the served encoder's input, and their captions."""
     scenes = make_scenes(count, seed, **SCENE_ARGS)
-    return normalize(np.stack([s.image for s in scenes]), INPUT_SPEC), [s.caption for s in scenes]
+    return np.stack([preprocess(s.image, INPUT_SPEC)[0] for s in scenes]), [s.caption for s in scenes]
 
 
 def build(out: Path, recipe: CaptionerRecipe | None = None, progress: bool = True) -> ModelReport:
     recipe = recipe or CaptionerRecipe()
     started = time.monotonic()
-    seed_everything(recipe.seed)
-    x_train, captions = _data(recipe.train_size, recipe.seed)
-    x_test, references = _data(recipe.test_size, TEST_SEED)
-    encoded = [encode_caption(t) for t in captions]
-    length = max(map(len, encoded))
-    tokens = torch.tensor([t + [0] * (length - len(t)) for t in encoded], dtype=torch.long)
-    x_all = torch.from_numpy(x_train)
-
-    encoder, decoder = CaptionEncoder(), CaptionDecoderStep(len(VOCAB))
-    params = [*encoder.parameters(), *decoder.parameters()]
-    steps_per_epoch = recipe.train_size // recipe.batch_size
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
-    bar = tqdm(total=recipe.epochs * steps_per_epoch, desc="captioner", unit="step", disable=not progress)
-    encoder.train()
-    decoder.train()
-    for _ in range(recipe.epochs):
-        perm = torch.randperm(recipe.train_size)
-        for k in range(steps_per_epoch):
-            idx = perm[k * recipe.batch_size : (k + 1) * recipe.batch_size]
-            seq = tokens[idx]
-            features, h, c = encoder(x_all[idx])
-            loss = torch.zeros(())
-            for t in range(length - 1):  # teacher forcing: the true token goes in at every step
-                logits, h, c = decoder(seq[:, t], h, c, features)
-                loss = loss + nn.functional.cross_entropy(logits, seq[:, t + 1], ignore_index=0, reduction="sum")
-            loss = loss / (seq[:, 1:] != 0).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
-    encoder.eval()
-    decoder.eval()
-
-    enc_proto, dec_proto = export_pair(encoder, decoder, torch.from_numpy(x_test[:2]))
+    trunk = trained(recipe.trunk, progress)
+    spec = recipe.trunk.input_spec
+    encoder, decoder = ExportedCaptionEncoder(trunk.net).eval(), trunk.net.decoder.eval()
+    rng = np.random.default_rng(recipe.seed)
+    sample = torch.from_numpy(rng.uniform(0, 1, (2, 3, *spec.size)).astype(np.float32))
+    enc_proto, dec_proto = export_pair(encoder, decoder, sample)
+    describe_pair((enc_proto, dec_proto), spec, VOCAB, {}, "")
     enc_sess, dec_sess = session(enc_proto), session(dec_proto)
-    hypotheses = greedy_decode(enc_sess, dec_sess, x_test)
-    value = bleu4(hypotheses, references)
-    diff = pair_parity(encoder, decoder, enc_sess, dec_sess, x_test[:7], recipe.seed)
-    split = f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}"
-    describe_pair(
-        (enc_proto, dec_proto),
-        INPUT_SPEC,
-        VOCAB,
-        eval_props("bleu4", value, split, diff),
-        "Optic shape captioner, {role} (CNN + LSTM, synthetic scenes)",
-    )
+    results = {"caption": evaluate.captioning(enc_sess, dec_sess, evaluate.stress_samples("caption", recipe.test_size))}
+    results["in_distribution"] = evaluate.captioning(enc_sess, dec_sess, in_distribution(recipe.test_size))
+    diff = pair_parity(encoder, decoder, enc_sess, dec_sess, sample.numpy(), recipe.seed)
+    gates = {"named_largest": (results["caption"]["named_largest"], recipe.gate)}
+    props = gate_props(gates, results, diff, "stress caption slice")
+    props["optic.eval.bleu4"] = f"{results['caption']['bleu4']:.4f}"
+    props["optic.eval.bleu4_stress_wording"] = f"{results['caption']['bleu4_stress_wording']:.4f}"
+    describe_pair((enc_proto, dec_proto), spec, VOCAB, props,
+                  "Optic shape captioner, {role} (shared trunk tokens + attention LSTM)")
     protos = {ENCODER: enc_proto, DECODER: dec_proto}
-    return finish("captioner", out, protos, [encoder, decoder], "BLEU-4", value, diff, recipe, started)
+    return finish("captioner", out, protos, [encoder, decoder], gates, diff, recipe, started, results)
 
 
 def export_pair(
@@ -203,12 +171,13 @@ def pair_parity(
     """Worst |torch - onnxruntime| over the encoder and a few decoder steps, on real and random inputs."""
     rng = np.random.default_rng(seed)
     worst = 0.0
+    vocab_size = int(dec.get_outputs()[0].shape[-1]) if isinstance(dec.get_outputs()[0].shape[-1], int) else len(VOCAB)
     for x in (images, rng.normal(0, 1, images.shape).astype(np.float32)):
         expected = [t.numpy() for t in encoder(torch.from_numpy(x))]
         got = enc.run(None, {"images": x})
         worst = max(worst, *(float(np.abs(a - b).max()) for a, b in zip(expected, got, strict=True)))
         f, h, c = expected
-        token = rng.integers(0, len(VOCAB), len(x)).astype(np.int64)
+        token = rng.integers(0, vocab_size, len(x)).astype(np.int64)
         for _ in range(3):
             want = [
                 t.numpy()

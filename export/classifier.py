@@ -1,82 +1,83 @@
-"""Recipe: train the shape classifier on synthetic scenes, gate it, write it to a repository."""
+"""Recipe: the shape classifier -- the class of the largest shape -- gated on the stress set.
+
+"The largest shape" is the object with the most visible pixels (docs/models.md). The classifier is the shared
+trunk (:mod:`optic.export.train`) with an attention-pooling head over the pyramid's tokens: it learns where the
+largest shape is and reads its class there.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from optic.export.data import SHAPES, classification_arrays, make_scenes
-from optic.export.models import ShapeClassifier
+from optic.export import evaluate
+from optic.export.data import SHAPES
+from optic.export.models import ExportedClassifier
 from optic.export.onnx_export import parity, to_onnx
-from optic.export.onnx_io import ort_predict, session, set_metadata
-from optic.export.recipe import ModelReport, eval_props, finish
-from optic.export.train import TrainConfig, predict, seed_everything, train_classifier
-from optic.server.metadata import InputSpec, ModelMeta
-from optic.server.tasks.image import normalize
+from optic.export.onnx_io import set_metadata
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.train import TrunkRecipe, trained
+from optic.server.metadata import ModelMeta
 
-INPUT_SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-TEST_SEED = 1_000_003  # held-out scenes come from a seed training never uses
+INPUT_SPEC = TrunkRecipe().input_spec
+TEST_SEED = 1_000_003
 
 
 @dataclass(frozen=True)
 class ClassifierRecipe:
     seed: int = 0
-    epochs: int = 10
-    train_per_epoch: int = 8192
-    test_size: int = 2000
-    width: int = 16
-    gate: float = 0.95  # held-out accuracy below this: the model is not written
+    trunk: TrunkRecipe = field(default_factory=TrunkRecipe)
+    test_size: int | None = None  # stress scenes per slice (None: evaluate.SLICES' counts)
+    gate: float = 0.95  # accuracy on the largest shape, stress classification slice
     tolerance: float = 1e-4  # max |torch - onnxruntime| on logits
+    # Quick trials: shrink the shared trunk's training (None keeps the trunk recipe's value).
+    epochs: float | None = None
+    train_per_epoch: int | None = None
+    width: int | None = None
+
+    def trunk_recipe(self) -> TrunkRecipe:
+        return shrink(self.trunk, self.epochs, self.train_per_epoch, self.width)
 
 
-def _tensors(count: int, seed: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = classification_arrays(make_scenes(count, seed, start=start, size=INPUT_SPEC.size[0]))
-    return normalize(images, INPUT_SPEC), labels
+def shrink(trunk: TrunkRecipe, epochs: float | None, scenes: int | None, width: int | None) -> TrunkRecipe:
+    if epochs is not None:
+        trunk = replace(trunk, epochs=epochs)
+    if scenes is not None:
+        trunk = replace(trunk, scenes=scenes)
+    if width is not None:
+        trunk = replace(trunk, width=width)
+    return trunk
 
 
 def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = True) -> ModelReport:
-    """Train, check and (if it passes) write ``out/classifier/1/model.onnx``."""
+    """Train (or reuse) the trunk, check and (if it passes) write ``out/classifier/1/model.onnx``."""
     recipe = recipe or ClassifierRecipe()
     started = time.monotonic()
-    seed_everything(recipe.seed)
-    x_test, y_test = _tensors(recipe.test_size, TEST_SEED)
-    model = ShapeClassifier(len(SHAPES), width=recipe.width)
-
-    def epoch_data(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = _tensors(recipe.train_per_epoch, recipe.seed, start=epoch * recipe.train_per_epoch)
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-    def accuracy(m: torch.nn.Module) -> float:
-        return float((predict(m, torch.from_numpy(x_test)).argmax(1) == y_test).mean())
-
-    train_classifier(
-        model,
-        epoch_data,
-        steps_per_epoch=max(1, recipe.train_per_epoch // 128),
-        config=TrainConfig(epochs=recipe.epochs),
-        evaluate=accuracy,
-        progress=progress,
-    )
-
-    proto = to_onnx(model, torch.from_numpy(x_test[:2]), "images", "logits")
-    sess = session(proto)
-    value = float((ort_predict(sess, x_test).argmax(1) == y_test).mean())  # what will be served
+    trunk_recipe = recipe.trunk_recipe()
+    trunk = trained(trunk_recipe, progress)
+    spec = trunk_recipe.input_spec
+    model = ExportedClassifier(trunk.net).eval()
     rng = np.random.default_rng(recipe.seed)
-    probes = [x_test[:1], x_test[:7], rng.normal(0, 1, (5, *x_test.shape[1:])).astype(np.float32)]
+    sample = rng.uniform(0, 1, (2, 3, *spec.size)).astype(np.float32)
+    proto = to_onnx(model, torch.from_numpy(sample), "images", "logits")
+    meta = ModelMeta(task="classification", labels=SHAPES, input=spec, output_kind="logits")
+    set_metadata(proto, meta.to_props())
+    sess = evaluate.session(proto.SerializeToString())
+    n = recipe.test_size
+    results = {name: evaluate.classification(sess, evaluate.stress_samples(name, n))
+               for name in ("classification", "single_centered")}
+    # The generator's scenes where "the largest shape" is clear, as in the stress slice (>= 1.5x the next area).
+    clear = [s for s in in_distribution(n) if len(s.areas) < 2 or np.sort(s.areas)[-1] >= 1.5 * np.sort(s.areas)[-2]]
+    results["in_distribution"] = evaluate.classification(sess, clear)
+    probes = [sample[:1], rng.uniform(0, 1, (5, 3, *spec.size)).astype(np.float32),
+              rng.normal(0.5, 1, (3, 3, *spec.size)).astype(np.float32)]
     check = parity(model, sess, probes, recipe.tolerance)
-    split = f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}"
-    meta = ModelMeta(
-        task="classification",
-        labels=SHAPES,
-        input=INPUT_SPEC,
-        output_kind="logits",
-        extra=eval_props("accuracy", value, split, check.max_abs_diff),
-    )
-    set_metadata(proto, meta.to_props(), doc="Optic shape classifier (synthetic scenes)")
-    return finish(
-        "classifier", out, {"classifier": proto}, [model], "accuracy", value, check.max_abs_diff, recipe, started
-    )
+    gates = {"accuracy": (results["classification"]["accuracy"], recipe.gate)}
+    props = gate_props(gates, results, check.max_abs_diff, "stress classification slice (label: the largest shape)")
+    set_metadata(proto, {**meta.to_props(), **props}, doc="Optic shape classifier: the largest shape's class")
+    return finish("classifier", out, {"classifier": proto}, [model], gates, check.max_abs_diff, recipe, started,
+                  results)

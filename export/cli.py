@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("classifier", "detector", "segmenter", "captioner")
+TRUNK_FILE = "trunk.pt"  # beside the model entries; the server ignores files at the repository's top level
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
-        dest="export_command", required=True, metavar="{" + ",".join(MODELS) + ",all,convert,import}"
+        dest="export_command", required=True, metavar="{" + ",".join(MODELS) + ",all,convert,import,quantize}"
     )
     for name in (*MODELS, "all"):
         p = sub.add_parser(name, help=f"train and export {'every default model' if name == 'all' else 'the ' + name}")
         p.add_argument("--out", type=Path, default=Path("model_repo"), help="model repository to write into")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--epochs", type=int, help="override each recipe's epoch count (quick trials)")
+        p.add_argument("--epochs", type=float, help="override the shared trunk's epochs (quick trials)")
+        p.add_argument("--scenes", type=int, help="override the number of training scenes (quick trials)")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = sub.add_parser("convert", help="turn a PyTorch checkpoint of one of our architectures into a repository entry")
@@ -63,6 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _spec_flags(p, "the model's static input size / metadata, else the task's usual pre-processing")
 
 
+    p = sub.add_parser(
+        "quantize", help="write an int8 copy of a repository model (onnxruntime static QDQ), gated against the fp32 one"
+    )
+    p.add_argument("model", metavar="NAME", help="the model's name in the repository (classification, detection "
+                   "or segmentation)")
+    p.add_argument("--repo", type=Path, default=Path("model_repo"), help="repository holding NAME")
+    p.add_argument("--out", type=Path, help="repository to write into (default: --repo)")
+    p.add_argument("--name", help="the int8 model's name (default: NAME_int8)")
+    p.add_argument("--images", type=Path, metavar="DIR", help="pictures the model serves: half calibrate, half "
+                   "measure agreement with fp32 (required for models other than Optic's shape models)")
+    p.add_argument("--calibration", type=int, default=200, help="calibration images (default: 200)")
+    p.add_argument("--method", choices=("minmax", "percentile"), default="minmax", help="activation-range "
+                   "calibration (default: minmax)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="largest score loss allowed against fp32; the "
+                   "model is not written beyond it (default: 0.01, one point)")
+
 def _spec_flags(p: argparse.ArgumentParser, default: str) -> None:
     """How images become the model's input, recorded in its metadata for the server."""
     from optic.server.metadata import DECODES, INTERPOLATIONS, PIPELINES, RESIZE_MODES
@@ -93,6 +111,25 @@ def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from optic.export import quantize
+
+    if not (args.repo / args.model).is_dir():
+        return _fail(f"{args.repo / args.model}: no such model in the repository")
+    if args.images is not None and not args.images.is_dir():
+        return _fail(f"--images {args.images}: not a directory")
+    if args.calibration < 2:
+        return _fail("--calibration must be at least 2")
+    try:
+        report = quantize.quantize_entry(
+            args.repo, args.model, args.name, args.images, args.calibration, args.method, args.max_drop, args.out
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(report.summary())
+    return 0 if report.written else 1
+
+
 def _fail(message: str) -> int:
     print(f"optic export: error: {message}", file=sys.stderr)
     return 2
@@ -104,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:  # onnx comes with the extra, not with the server
         return _fail(f"needs the export extra (pip install -e '.[export]'): {exc}")
     try:
+        if args.export_command == "quantize":  # no torch needed
+            return _quantize(args)
         if args.export_command == "import":  # no torch needed
             labels = importer.read_labels(args.labels) if args.labels else ()
             overrides = _spec_overrides(args)
@@ -132,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
+    """Train the shared trunk once (every model carries it), then export, gate and write each model."""
     from dataclasses import replace
 
     from optic.export import captioner, classifier, detector, segmenter
     from optic.export.recipe import table
+    from optic.export.train import TrunkRecipe, trained
 
     recipes: dict[str, tuple[Callable[..., Any], Any]] = {
         "classifier": (classifier.build, classifier.ClassifierRecipe),
@@ -145,16 +186,24 @@ def build(args: argparse.Namespace) -> int:
     }
     names = MODELS if args.export_command == "all" else (args.export_command,)
     started = time.monotonic()
+    trunk = replace(TrunkRecipe(), seed=args.seed)
+    if args.epochs:
+        trunk = replace(trunk, epochs=args.epochs)
+    if args.scenes:
+        trunk = replace(trunk, scenes=args.scenes)
+    shared = trained(trunk, progress=not args.no_progress)
+    print(f"shared trunk: {len(shared.history)} epochs in {shared.seconds:.0f}s", flush=True)
     reports = []
     for name in names:
         build_fn, recipe_cls = recipes[name]
-        recipe = recipe_cls(seed=args.seed)
-        if args.epochs:
-            recipe = replace(recipe, epochs=args.epochs)
-        report = build_fn(args.out, recipe, progress=not args.no_progress)
+        report = build_fn(args.out, recipe_cls(seed=args.seed, trunk=trunk), progress=not args.no_progress)
         print(report.summary(), flush=True)
         reports.append(report)
     print()
     print(table(reports))
-    print(f"\ntotal {time.monotonic() - started:.0f}s")
+    print(f"\ntotal {time.monotonic() - started:.0f}s (shared trunk {shared.seconds:.0f}s)")
+    if args.export_command == "all" and all(r.written for r in reports):
+        from optic.export.train import save_trunk
+
+        print(f"wrote {save_trunk(shared, args.out / TRUNK_FILE)} (the shared backbone and pyramid, for transfer learning)")
     return 0 if all(r.written for r in reports) else 1

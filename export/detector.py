@@ -1,48 +1,159 @@
-"""Recipe: the YOLO-style shape detector, gated on mAP@0.5 computed by pycocotools."""
+"""Recipe: the anchor-free multi-stride shape detector, gated on pycocotools mAP over the stress set.
+
+The detector is the shared trunk (:mod:`optic.export.train`) with a decoupled head on strides 8, 16 and 32
+(box sides as distributions over 16 bins, DFL; class probabilities), trained with YOLOv8's task-aligned
+assigner. The exported graph decodes in-graph to the ``yolov8`` layout ``[N, 4 + C, A]``: cx, cy, w, h in
+input pixels and class probabilities; the server does NMS.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from optic.export.data import SHAPES, Scene, make_scenes
-from optic.export.models import DecodedDetector, ShapeDetector
+from optic.export import evaluate
+from optic.export.data import SHAPES, Scene
+from optic.export.models import ExportedDetector, anchor_points
 from optic.export.onnx_export import parity, to_onnx
-from optic.export.onnx_io import ort_predict, session, set_metadata
-from optic.export.recipe import ModelReport, eval_props, finish
-from optic.export.train import seed_everything
-from optic.server.metadata import InputSpec, ModelMeta
-from optic.server.tasks.boxes import detect
-from optic.server.tasks.image import normalize
+from optic.export.onnx_io import set_metadata
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.train import TrunkRecipe, trained
+from optic.server.metadata import DetectDefaults, ModelMeta
 
-SIZE = 96
-INPUT_SPEC = InputSpec(size=(SIZE, SIZE), resize="letterbox", scale=1.0 / 255.0)
-SCENE_ARGS: dict[str, Any] = {"size": SIZE, "max_distractors": 3, "distractor_scale": (0.35, 0.8)}
+STRIDE = 8  # the finest of the three strides
+# The trunk trains on 256 x 256 letterboxed scenes; the detector is exported at 384: the same fully
+# convolutional weights see every shape 1.5x larger, which is what small shapes need (docs/models.md).
+SIZE = 384
+INPUT_SPEC = replace(TrunkRecipe().input_spec, size=(SIZE, SIZE))
 TEST_SEED = 2_000_003
-STRIDE = 8
-NUM_ANCHORS = 3
+# The simple scenes the examples and end-to-end tests use for detection (96 x 96, up to 3 neighbours).
+SCENE_ARGS: dict[str, Any] = {"size": 96, "max_distractors": 3, "distractor_scale": (0.35, 0.8)}
+DEFAULTS = DetectDefaults(confidence_threshold=0.25, iou_threshold=0.5, max_detections=300)
 
 
 @dataclass(frozen=True)
 class DetectorRecipe:
     seed: int = 0
-    epochs: int = 12
-    train_size: int = 6144
-    test_size: int = 500
-    width: int = 16
-    batch_size: int = 64
-    lr: float = 4e-3
-    gate: float = 0.80  # mAP@0.5, pycocotools, after NMS
+    trunk: TrunkRecipe = field(default_factory=TrunkRecipe)
+    size: int | None = SIZE  # exported input side (None: the trunk's training size)
+    test_size: int | None = None  # stress scenes per slice (None: evaluate.SLICES' counts)
+    gate: float = 0.90  # mAP@0.5 on the stress detection slice
+    gate_map: float = 0.70  # mAP@0.5:0.95 on the same slice
+    gate_small: float = 0.80  # mAP@0.5 on the small-object slice
     tolerance: float = 1e-3  # pixels on box coordinates; scores are in [0, 1]
+
+
+# ---------------------------------------------------------------- task-aligned assignment and the loss
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of broadcastable (..., 4) xyxy boxes."""
+    lt, rb = torch.max(a[..., :2], b[..., :2]), torch.min(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (union - inter + 1e-7)
+
+
+def ciou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Complete IoU of matching rows of (K, 4) xyxy boxes: IoU, centre distance and aspect terms."""
+    iou = _iou(a, b)
+    wa, ha = (a[:, 2] - a[:, 0]).clamp(min=1e-6), (a[:, 3] - a[:, 1]).clamp(min=1e-6)
+    wb, hb = (b[:, 2] - b[:, 0]).clamp(min=1e-6), (b[:, 3] - b[:, 1]).clamp(min=1e-6)
+    hull = torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])
+    c2 = (hull**2).sum(1) + 1e-7
+    rho2 = (((a[:, :2] + a[:, 2:]) - (b[:, :2] + b[:, 2:])) ** 2).sum(1) / 4
+    v = (4 / math_pi2) * (torch.atan(wb / hb) - torch.atan(wa / ha)) ** 2
+    with torch.no_grad():
+        alpha = v / (v - iou + (1 + 1e-7))
+    return iou - (rho2 / c2 + v * alpha)
+
+
+math_pi2 = float(np.pi**2)
+
+
+@torch.no_grad()
+def assign(
+    scores: torch.Tensor,
+    pred: torch.Tensor,
+    points: torch.Tensor,
+    strides: torch.Tensor,
+    gt: torch.Tensor,
+    gt_cls: torch.Tensor,
+    gt_mask: torch.Tensor,
+    topk: int = 10,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """YOLOv8's task-aligned assigner: each object takes the ``topk`` cells (near it) whose prediction best
+    combines its class score and box IoU; returns target boxes (B, A, 4), soft class targets (B, A, C) and the
+    foreground mask (B, A)."""
+    b, a, c = scores.shape
+    m = gt.shape[1]
+    centre = (gt[..., :2] + gt[..., 2:]) / 2
+    half = (gt[..., 2:] - gt[..., :2]) / 2
+    # A cell is a candidate when its centre lies in the box, grown to half a cell for boxes smaller than one.
+    reach = torch.max(half.unsqueeze(2), strides.view(1, 1, a, 1) / 2)
+    inside = ((points.view(1, 1, a, 2) - centre.unsqueeze(2)).abs() < reach).all(-1) & gt_mask.unsqueeze(2)
+    iou = _iou(gt.unsqueeze(2), pred.unsqueeze(1)).clamp(min=0)  # B, M, A
+    cls_score = torch.gather(scores.transpose(1, 2), 1, gt_cls.unsqueeze(-1).expand(b, m, a))
+    align = cls_score.pow(alpha) * iou.pow(beta) * inside
+    k = min(topk, a)
+    top = align.topk(k, dim=-1).indices
+    chosen = torch.zeros_like(inside).scatter_(2, top, True) & inside
+    many = chosen.sum(1) > 1  # B, A: a cell claimed by several objects goes to the one it overlaps most
+    if many.any():
+        best = nn.functional.one_hot((iou * inside).argmax(1), m).transpose(1, 2).bool()
+        chosen = torch.where(many.unsqueeze(1), best & inside, chosen)
+    fg = chosen.any(1)
+    target = chosen.float().argmax(1)  # B, A
+    boxes = torch.gather(gt, 1, target.unsqueeze(-1).expand(b, a, 4))
+    labels = torch.gather(gt_cls, 1, target)
+    align = align * chosen
+    norm = (align * (iou * chosen).amax(-1, keepdim=True) / (align.amax(-1, keepdim=True) + 1e-9)).amax(1)
+    soft = nn.functional.one_hot(labels, c).float() * (norm * fg).unsqueeze(-1)
+    return boxes, soft, fg
+
+
+def detection_loss(
+    head: Any, box: torch.Tensor, cls: torch.Tensor, size: int, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """YOLOv8's loss: BCE on task-aligned soft class targets, CIoU and DFL on the boxes of assigned cells."""
+    points, strides = anchor_points((size, size))
+    dist = head.distances(box)  # B, A, 4 in stride units
+    d = dist * strides.view(1, -1, 1)
+    pred = torch.cat([points - d[..., :2], points + d[..., 2:]], -1)
+    target, soft, fg = assign(cls.detach().sigmoid(), pred.detach(), points, strides, batch["boxes"],
+                              batch["classes"], batch["box_mask"])
+    norm = soft.sum().clamp(min=1.0)
+    cls_loss = nn.functional.binary_cross_entropy_with_logits(cls, soft, reduction="sum") / norm
+    if not fg.any():
+        return 0.5 * cls_loss + 0 * box.sum()
+    weight = soft.sum(-1)[fg]
+    box_loss = ((1 - ciou(pred[fg], target[fg])) * weight).sum() / norm
+    # DFL: the two bins around each true side length (in stride units) share the probability.
+    reg_max = head.reg_max
+    s = strides.view(1, -1, 1).expand_as(d)[fg]
+    p = points.unsqueeze(0).expand(fg.shape[0], -1, -1)[fg]
+    t = target[fg]
+    ltrb = (torch.cat([p - t[:, :2], t[:, 2:] - p], 1) / s).clamp(0, reg_max - 1.01)
+    left = ltrb.floor().long()
+    wl = left + 1 - ltrb
+    logits = box[fg].view(-1, 4, reg_max)
+    logp = logits.log_softmax(-1)
+    at_left = logp.gather(-1, left.unsqueeze(-1)).squeeze(-1)
+    at_right = logp.gather(-1, (left + 1).unsqueeze(-1)).squeeze(-1)
+    dfl = -(at_left * wl + at_right * (1 - wl))
+    dfl_loss = (dfl.mean(-1) * weight).sum() / norm
+    return 7.5 * box_loss + 0.5 * cls_loss + 1.5 * dfl_loss
+
+
+# ---------------------------------------------------------------- the recipe
 
 
 def boxes_of(scene: Scene) -> np.ndarray:
@@ -50,187 +161,38 @@ def boxes_of(scene: Scene) -> np.ndarray:
     return np.array([[*o.bbox, o.class_id] for o in scene.objects], dtype=np.float32).reshape(-1, 5)
 
 
-def kmeans_anchors(wh: np.ndarray, k: int, iterations: int = 50) -> np.ndarray:
-    """k-means on box sizes with 1 - IoU as the distance (YOLOv2), deterministic quantile start."""
-    wh = wh[np.argsort(wh.prod(1))]
-    centers = wh[np.linspace(0, len(wh) - 1, k).astype(int)].copy()
-    for _ in range(iterations):
-        inter = np.minimum(wh[:, None, 0], centers[None, :, 0]) * np.minimum(wh[:, None, 1], centers[None, :, 1])
-        iou = inter / (wh.prod(1)[:, None] + centers.prod(1)[None, :] - inter)
-        nearest = iou.argmax(1)
-        new = np.array([wh[nearest == j].mean(0) if (nearest == j).any() else centers[j] for j in range(k)])
-        if np.allclose(new, centers):
-            break
-        centers = new
-    return centers[np.argsort(centers.prod(1))].astype(np.float32)
-
-
-def build_targets(boxes: list[np.ndarray], anchors: np.ndarray, grid: int) -> tuple[torch.Tensor, ...]:
-    """Dense targets: positive mask (N, S, S, B), GT boxes (N, S, S, B, 4) xyxy, class ids (N, S, S, B)."""
-    n, b = len(boxes), len(anchors)
-    pos = np.zeros((n, grid, grid, b), dtype=bool)
-    gt = np.zeros((n, grid, grid, b, 4), dtype=np.float32)
-    cls = np.zeros((n, grid, grid, b), dtype=np.int64)
-    for i, bx in enumerate(boxes):
-        for x1, y1, x2, y2, c in bx:
-            w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
-            gx = min(int((x1 + x2) / 2 / STRIDE), grid - 1)
-            gy = min(int((y1 + y2) / 2 / STRIDE), grid - 1)
-            ratio = np.maximum(np.array([w, h]) / anchors, anchors / np.array([w, h])).max(1)
-            chosen = np.flatnonzero(ratio < 4.0)  # YOLOv5's rule: anchors within 4x either way...
-            if chosen.size == 0:
-                chosen = np.array([ratio.argmin()])  # ...or at least the closest one
-            pos[i, gy, gx, chosen] = True
-            gt[i, gy, gx, chosen] = (x1, y1, x2, y2)
-            cls[i, gy, gx, chosen] = int(c)
-    return torch.from_numpy(pos), torch.from_numpy(gt), torch.from_numpy(cls)
-
-
-def giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of matching rows of (K, 4) xyxy boxes."""
-    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(1), (b[:, 2:] - b[:, :2]).prod(1)
-    union = area_a + area_b - inter + 1e-7
-    hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).prod(1) + 1e-7
-    iou = inter / union
-    return iou - (hull - union) / hull
-
-
-def detection_loss(
-    model: ShapeDetector, raw: torch.Tensor, pos: torch.Tensor, gt: torch.Tensor, cls: torch.Tensor
-) -> torch.Tensor:
-    n, _, s, _ = raw.shape
-    b, c = int(model.anchors.shape[0]), model.num_classes
-    logits = raw.view(n, b, 5 + c, s, s).permute(0, 3, 4, 1, 2)  # N, S, S, B, 5+C (decode's order)
-    decoded = model.decode(raw).view(n, s, s, b, 5 + c)
-    obj_target = pos.float()
-    obj_all = nn.functional.binary_cross_entropy_with_logits(logits[..., 4], obj_target)
-    if not pos.any():
-        return obj_all
-    p = decoded[pos][:, :4]
-    pred_xyxy = torch.cat([p[:, :2] - p[:, 2:] / 2, p[:, :2] + p[:, 2:] / 2], 1)
-    box = (1 - giou(pred_xyxy, gt[pos])).mean()
-    obj_pos = nn.functional.binary_cross_entropy_with_logits(logits[..., 4][pos], obj_target[pos])
-    onehot = nn.functional.one_hot(cls[pos], c).float()
-    cls_loss = nn.functional.binary_cross_entropy_with_logits(logits[..., 5:][pos], onehot)
-    return 2.0 * box + obj_all * 4.0 + obj_pos + cls_loss
-
-
-def coco_map50(preds: np.ndarray, truth: list[np.ndarray], layout: str = "yolov5") -> float:
-    """mAP@0.5 over all classes, by pycocotools, after NMS."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    images: list[dict] = []
-    annotations: list[dict] = []
-    results: list[dict] = []
-    for i, (pred, boxes) in enumerate(zip(preds, truth, strict=True)):
-        images.append({"id": i, "width": SIZE, "height": SIZE})
-        for x1, y1, x2, y2, c in boxes:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i,
-                    "category_id": int(c) + 1,
-                    "iscrowd": 0,
-                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                    "area": float((x2 - x1) * (y2 - y1)),
-                }
-            )
-        det = detect(pred, layout, conf_threshold=0.001, iou_threshold=0.6, max_det=100)
-        for (x1, y1, x2, y2), score, c in zip(det.boxes, det.scores, det.class_ids, strict=True):
-            results.append(
-                {
-                    "image_id": i,
-                    "category_id": int(c) + 1,
-                    "score": float(score),
-                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                }
-            )
-    if not results:
-        return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(SHAPES)],
-        }
-        gt.createIndex()
-        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return float(evaluator.stats[1])
-
-
-def _data(count: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    scenes = make_scenes(count, seed, **SCENE_ARGS)
-    return normalize(np.stack([s.image for s in scenes]), INPUT_SPEC), [boxes_of(s) for s in scenes]
-
-
 def build(out: Path, recipe: DetectorRecipe | None = None, progress: bool = True) -> ModelReport:
     recipe = recipe or DetectorRecipe()
     started = time.monotonic()
-    seed_everything(recipe.seed)
-    x_train, boxes_train = _data(recipe.train_size, recipe.seed)
-    x_test, boxes_test = _data(recipe.test_size, TEST_SEED)
-    wh = np.concatenate([b[:, 2:4] - b[:, :2] for b in boxes_train])
-    anchors = kmeans_anchors(wh, NUM_ANCHORS)
-    model = ShapeDetector(len(SHAPES), torch.from_numpy(anchors), width=recipe.width, stride=STRIDE)
-    grid = SIZE // STRIDE
-    pos, gt, cls = build_targets(boxes_train, anchors, grid)
-    # Horizontal flips double the data; their targets are built once, up front.
-    flipped = [np.stack([SIZE - 1 - b[:, 2], b[:, 1], SIZE - 1 - b[:, 0], b[:, 3], b[:, 4]], 1) for b in boxes_train]
-    pos_f, gt_f, cls_f = build_targets(flipped, anchors, grid)
-    x_all = torch.from_numpy(x_train)
-
-    steps = recipe.epochs * (recipe.train_size // recipe.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=steps, pct_start=0.15)
-    bar = tqdm(total=steps, desc="detector", unit="step", disable=not progress)
-    model.train()
-    for _ in range(recipe.epochs):
-        perm = torch.randperm(recipe.train_size)
-        for k in range(recipe.train_size // recipe.batch_size):
-            idx = perm[k * recipe.batch_size : (k + 1) * recipe.batch_size]
-            flip = torch.rand(len(idx)) < 0.5
-            x = x_all[idx].clone()
-            x[flip] = x[flip].flip(-1)
-            f = flip.view(-1, 1, 1, 1)
-            t_pos = torch.where(f, pos_f[idx], pos[idx])
-            t_gt = torch.where(f.unsqueeze(-1), gt_f[idx], gt[idx])
-            t_cls = torch.where(f, cls_f[idx], cls[idx])
-            loss = detection_loss(model, model(x), t_pos, t_gt, t_cls)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
-    model.eval()
-
-    exported = DecodedDetector(model).eval()
-    proto = to_onnx(exported, torch.from_numpy(x_test[:2]), "images", "detections")
-    sess = session(proto)
-    value = coco_map50(ort_predict(sess, x_test), boxes_test)
+    trunk = trained(recipe.trunk, progress)
+    spec = recipe.trunk.input_spec
+    if recipe.size is not None:
+        spec = replace(spec, size=(recipe.size, recipe.size))
+    exported = ExportedDetector(trunk.net, spec.size).eval()
     rng = np.random.default_rng(recipe.seed)
-    probes = [x_test[:1], x_test[:7], rng.uniform(-0.5, 1.5, (3, *x_test.shape[1:])).astype(np.float32)]
-    check = parity(exported, sess, probes, recipe.tolerance)
-    split = f"{recipe.test_size} synthetic scenes, seed {TEST_SEED}"
+    sample = torch.from_numpy(rng.uniform(0, 1, (2, 3, *spec.size)).astype(np.float32))
+    proto = to_onnx(exported, sample, "images", "detections")
     meta = ModelMeta(
-        task="detection",
-        labels=SHAPES,
-        input=INPUT_SPEC,
-        output_kind="probabilities",
-        output_layout="yolov5",
-        extra={
-            "optic.detector.anchors": str(anchors.round(2).tolist()),
-            "optic.detector.stride": str(STRIDE),
-            **eval_props("map50", value, split, check.max_abs_diff),
-        },
+        task="detection", labels=SHAPES, input=spec, output_kind="probabilities", output_layout="yolov8",
+        detect=DEFAULTS,
+        extra={"optic.detector.strides": "[8, 16, 32]", "optic.detector.head": "anchor-free, DFL (16 bins)"},
     )
-    set_metadata(proto, meta.to_props(), doc="Optic shape detector (YOLO-style, synthetic scenes)")
-    return finish("detector", out, {"detector": proto}, [model], "mAP@0.5", value, check.max_abs_diff, recipe, started)
+    set_metadata(proto, meta.to_props())
+    sess = evaluate.session(proto.SerializeToString())
+    n = recipe.test_size
+    results = {
+        name: evaluate.detection(sess, evaluate.stress_samples(name, n)) for name in ("detection", "small_objects")
+    }
+    results["in_distribution"] = evaluate.detection(sess, in_distribution(n))
+    probes = [rng.uniform(0, 1, (1, 3, *spec.size)).astype(np.float32),
+              rng.uniform(-0.5, 1.5, (3, 3, *spec.size)).astype(np.float32)]
+    check = parity(exported, sess, probes, recipe.tolerance)
+    gates = {
+        "map50": (results["detection"]["map50"], recipe.gate),
+        "map50_95": (results["detection"]["map50_95"], recipe.gate_map),
+        "small_map50": (results["small_objects"]["map50"], recipe.gate_small),
+    }
+    props = gate_props(gates, results, check.max_abs_diff, "stress detection + small_objects slices")
+    set_metadata(proto, {**meta.to_props(), **props}, doc="Optic shape detector (anchor-free, strides 8/16/32)")
+    return finish("detector", out, {"detector": proto}, [exported], gates, check.max_abs_diff, recipe, started,
+                  results)

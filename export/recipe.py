@@ -1,16 +1,17 @@
-"""What every recipe shares: the report, and the check-then-write step.
+"""What every recipe shares: the report, the gates, and the check-then-write step.
 
-A recipe trains a model and measures its gate metric with onnxruntime on the
-exported graph (what will be served, not torch); :func:`finish` then refuses
-to write unless parity and the gate both hold.
+A recipe exports its model and measures its gate metrics with onnxruntime on the exported graph (what will be
+served, not torch), on the independent stress set, through the server's own pre- and post-processing
+(:mod:`optic.export.evaluate`); :func:`finish` then refuses to write unless parity and every gate hold.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import onnx
 
@@ -21,20 +22,23 @@ REPORT_COLUMNS = (
     "model",
     "params",
     "onnx size",
-    "gate metric",
+    "gate metric (stress set)",
     "value",
     "gate",
+    "in-distribution",
     "parity diff",
-    "train time",
+    "time",
     "written",
 )
+IN_DISTRIBUTION_SEED = 5_000_003  # our generator's held-out scenes: a seed training never uses
+IN_DISTRIBUTION_SIZE = 300
 
 
 @dataclass(frozen=True)
 class ModelReport:
     name: str
     paths: tuple[Path, ...]
-    metric: str
+    metric: str  # the first gate's metric
     value: float
     gate: float
     max_abs_diff: float
@@ -44,23 +48,29 @@ class ModelReport:
     seconds: float
     written: bool = False
     reason: str = ""
+    gates: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (value, gate)
+    results: dict[str, Any] = field(default_factory=dict)  # every figure measured, per slice
 
     def summary(self) -> str:
         verdict = "written to " + ", ".join(map(str, self.paths)) if self.written else f"NOT written: {self.reason}"
+        gates = ", ".join(f"{k} {v:.4f} (gate {g:.2f})" for k, (v, g) in self.gates.items())
         return (
-            f"{self.name}: {self.metric} {self.value:.4f} (gate {self.gate:.2f}); ORT-vs-torch max abs diff "
-            f"{self.max_abs_diff:.2e}; {self.params:,} parameters, {self.onnx_bytes / 1e6:.2f} MB; "
-            f"{self.seconds:.0f}s; {verdict}"
+            f"{self.name}: {gates}; ORT-vs-torch max abs diff {self.max_abs_diff:.2e}; {self.params:,} parameters, "
+            f"{self.onnx_bytes / 1e6:.2f} MB; {self.seconds:.0f}s; {verdict}"
         )
 
     def row(self) -> tuple[str, ...]:
+        in_dist = self.results.get("in_distribution", {})
+        key = {"map50_95": "map50_95", "small_map50": "map50"}.get(self.metric, self.metric)
+        value = in_dist.get(key) if isinstance(in_dist, dict) else None
         return (
             self.name,
             f"{self.params:,}",
             f"{self.onnx_bytes / 1e6:.2f} MB",
-            self.metric,
-            f"{self.value:.4f}",
-            f"≥ {self.gate:.2f}",
+            " / ".join(self.gates),
+            " / ".join(f"{v:.4f}" for v, _ in self.gates.values()),
+            " / ".join(f"≥ {g:.2f}" for _, g in self.gates.values()),
+            f"{value:.4f}" if isinstance(value, float) else "-",
             f"{self.max_abs_diff:.1e}",
             f"{self.seconds:.0f} s",
             "yes" if self.written else "NO",
@@ -85,10 +95,36 @@ def eval_props(metric: str, value: float, split: str, max_abs_diff: float) -> di
     }
 
 
-class Gated(Protocol):
-    @property
-    def gate(self) -> float: ...  # the metric below which the model is not written
+def gate_props(
+    gates: dict[str, tuple[float, float]], results: dict[str, Any], max_abs_diff: float, split: str
+) -> dict[str, str]:
+    """Gate values (``optic.eval.<metric>``), the in-distribution figures beside them, parity and opset."""
+    props = {f"optic.eval.{k}": f"{v:.4f}" for k, (v, _) in gates.items()}
+    props |= {f"optic.gate.{k}": f"{g:.2f}" for k, (_, g) in gates.items()}
+    in_dist = results.get("in_distribution", {})
+    for k, v in in_dist.items():
+        if isinstance(v, float):
+            props[f"optic.eval.in_distribution.{k}"] = f"{v:.4f}"
+    props["optic.eval.split"] = f"{split} (optic.export.stress, seeds in optic.export.evaluate.SLICES)"
+    props["optic.export.parity_max_abs_diff"] = f"{max_abs_diff:.3e}"
+    props["optic.export.opset"] = str(OPSET)
+    return props
 
+
+@lru_cache(maxsize=4)
+def _in_distribution(n: int) -> tuple[Any, ...]:
+    from optic.export.data import WIDE, make_scenes
+    from optic.export.evaluate import from_scene
+
+    return tuple(from_scene(s) for s in make_scenes(n, IN_DISTRIBUTION_SEED, style=WIDE))
+
+
+def in_distribution(n: int | None = None) -> list[Any]:
+    """Held-out scenes of our own training generator, as :class:`optic.export.evaluate.Sample`."""
+    return list(_in_distribution(IN_DISTRIBUTION_SIZE if n is None else min(n, IN_DISTRIBUTION_SIZE)))
+
+
+class Gated(Protocol):
     @property
     def tolerance(self) -> float: ...  # the largest torch-vs-onnxruntime difference allowed
 
@@ -98,29 +134,34 @@ def finish(
     out: Path,
     protos: dict[str, onnx.ModelProto],
     modules: list[object],
-    metric: str,
-    value: float,
+    gates: dict[str, tuple[float, float]],
     max_abs_diff: float,
     recipe: Gated,
     started: float,
+    results: dict[str, Any] | None = None,
 ) -> ModelReport:
-    """Report a recipe's models and write each (``<out>/<entry>/1/model.onnx``) only if parity and the gate hold."""
+    """Report a recipe's models and write each (``<out>/<entry>/1/model.onnx``) only if parity and every gate
+    hold (``gates``: metric -> (value, gate))."""
+    first = next(iter(gates))
     report = ModelReport(
         name=name,
         paths=tuple(out / entry / "1" / "model.onnx" for entry in protos),
-        metric=metric,
-        value=value,
-        gate=recipe.gate,
+        metric=first,
+        value=gates[first][0],
+        gate=gates[first][1],
         max_abs_diff=max_abs_diff,
         tolerance=recipe.tolerance,
-        params=sum(count_params(m) for m in modules),
+        params=onnx_params(*protos.values()),
         onnx_bytes=size_of(*protos.values()),
         seconds=time.monotonic() - started,
+        gates=dict(gates),
+        results=dict(results or {}),
     )
     if report.max_abs_diff > report.tolerance:
         return replace(report, reason=f"parity {report.max_abs_diff:.2e} > tolerance {report.tolerance:.0e}")
-    if report.value < report.gate:
-        return replace(report, reason=f"{report.metric} {report.value:.4f} < gate {report.gate:.2f}")
+    below = [f"{k} {v:.4f} < gate {g:.2f}" for k, (v, g) in gates.items() if v < g]
+    if below:
+        return replace(report, reason="; ".join(below))
     for proto, path in zip(protos.values(), report.paths, strict=True):
         write_atomically(proto, path)
     return replace(report, written=True)
@@ -130,5 +171,23 @@ def size_of(*protos: onnx.ModelProto) -> int:
     return sum(p.ByteSize() for p in protos)
 
 
-def count_params(module: object) -> int:
-    return sum(p.numel() for p in module.parameters())  # type: ignore[attr-defined]
+def onnx_params(*protos: onnx.ModelProto) -> int:
+    """Numbers stored in the graphs' initializers: the parameters the served models hold."""
+    total = 0
+    for proto in protos:
+        for init in proto.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT:
+                n = 1
+                for d in init.dims:
+                    n *= d
+                total += n
+    return total
+
+
+def count_params(*modules: object) -> int:
+    """Distinct parameters over the modules (a shared trunk counts once)."""
+    seen: dict[int, int] = {}
+    for m in modules:
+        for p in m.parameters():  # type: ignore[attr-defined]
+            seen[id(p)] = p.numel()
+    return sum(seen.values())

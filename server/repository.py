@@ -182,6 +182,7 @@ class ModelRepository:
         self.poll_seconds = poll_seconds
         self.versions: dict[str, dict[str, ServedModel]] = {}
         self.states: dict[str, ModelState] = {}
+        self.started = False  # the start-up set has been attempted (ready is false until then)
         self.load_timeout = load_timeout  # seconds for a load (sessions + warm-up) before it is abandoned
         # Loads run in a pool: one model that takes long never holds the others (nor explicit loads) back.
         self._loader = ThreadPoolExecutor(max_workers=max(1, load_threads), thread_name_prefix="model-loader")
@@ -428,6 +429,7 @@ class ModelRepository:
                 await self.load(name)
 
         await asyncio.gather(*(quietly(name) for name in wanted))
+        self.started = True
         if self.control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever(), name="repository-poll")
 
@@ -508,9 +510,10 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        """Every model asked for is serving (Triton's server readiness)."""
+        """Every model asked for is serving (Triton's server readiness): false while the start-up loads run, so a
+        client that waits for readiness never meets a model that is still loading."""
         failed = any(s.error and n not in self.versions for n, s in self.states.items())
-        return not failed and (bool(self.versions) or self.control_mode == "explicit")
+        return self.started and not failed and (bool(self.versions) or self.control_mode == "explicit")
 
     @staticmethod
     def _default(versions: dict[str, ServedModel]) -> ServedModel:

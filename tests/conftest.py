@@ -28,6 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPO = ROOT / "model_repo"
 
 
+def input_side(name: str) -> int:
+    """The square input side a committed model declares (its tensors are [N, 3, side, side])."""
+    import onnx
+
+    from optic.server.metadata import ModelMeta
+
+    model = onnx.load(str(MODEL_REPO / name / "1" / "model.onnx"), load_external_data=False)
+    meta = ModelMeta.from_props({p.key: p.value for p in model.metadata_props})
+    assert meta.input is not None and meta.input.size[0] == meta.input.size[1], meta.input
+    return meta.input.size[0]
+
+
+SIDE = input_side("classifier")  # the committed classifier's input: KServe tests build [N, 3, SIDE, SIDE] tensors
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -34,7 +34,7 @@ from optic.proto.inference import grpc_service_pb2 as kpb
 from optic.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
-from tests.conftest import MODEL_REPO, ROOT, encode, free_port, start_server
+from tests.conftest import MODEL_REPO, ROOT, SIDE, encode, free_port, start_server
 from tests.test_hostile import rss_mb
 
 IMAGE = encode(make_scenes(1, seed=3)[0].image)
@@ -61,8 +61,9 @@ def classify_ok(url: str, timeout: float = 10) -> bool:
         return bool(stub.Classify(pb.ClassifyRequest(model="classifier", image=pb.Image(data=IMAGE)), timeout=timeout))
 
 
-def segmenter_batch(n: int = 32) -> kpb.ModelInferRequest:
-    x = np.random.default_rng(0).random((n, 3, 64, 64), dtype=np.float32)
+def segmenter_batch(n: int = 2) -> kpb.ModelInferRequest:
+    """1.5 MB of input, 3 MB of answer (n = 2 at the committed 256x256 input)."""
+    x = np.random.default_rng(0).random((n, 3, SIDE, SIDE), dtype=np.float32)
     request = kpb.ModelInferRequest(model_name="segmenter")
     request.inputs.add(name="images", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
@@ -596,8 +597,8 @@ def test_cancelled_streams_log_no_tracebacks(tmp_path):
     repo = copy_models(tmp_path / "repo", "detector", "classifier")
     srv = start_server(tmp_path, repo=repo)
     infer = kpb.ModelInferRequest(model_name="classifier")
-    infer.inputs.add(name="images", datatype="FP32", shape=[1, 3, 64, 64])
-    infer.raw_input_contents.append(np.zeros((1, 3, 64, 64), np.float32).tobytes())
+    infer.inputs.add(name="images", datatype="FP32", shape=[1, 3, SIDE, SIDE])
+    infer.raw_input_contents.append(np.zeros((1, 3, SIDE, SIDE), np.float32).tobytes())
 
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(srv.url) as ch:
@@ -700,7 +701,7 @@ def test_memory_stays_under_the_documented_formula_with_every_path_at_its_limit(
     answered: dict[str, int] = {}
 
     def unary_big_tensors() -> None:
-        request = segmenter_batch(32)
+        request = segmenter_batch()
         request.raw_input_contents[0] = request.raw_input_contents[0] * 5  # 7.5 MB: refused after parsing
         with grpc.insecure_channel(srv.url, options=[("grpc.max_send_message_length", 1 << 25)]) as ch:
             stub = kpb_grpc.GRPCInferenceServiceStub(ch)
@@ -732,7 +733,7 @@ def test_memory_stays_under_the_documented_formula_with_every_path_at_its_limit(
 
     async def unread_streams() -> None:
         """Four streams (the --max-streams) write 1.5 MB requests with 3 MB answers and never read."""
-        request = segmenter_batch(32)
+        request = segmenter_batch()
         async with grpc.aio.insecure_channel(srv.url) as channel:
             calls = [kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer() for _ in range(4)]
 

@@ -48,10 +48,14 @@ def test_tiny_export_has_parity_and_metadata(tiny):
     onnx.checker.check_model(proto)
     sess = ort.InferenceSession(str(report.paths[0]))
     (inp,) = sess.get_inputs()
-    assert inp.shape[0] == "batch" and inp.shape[1:] == [3, 64, 64]
+    from optic.export.train import TrunkRecipe
+
+    side = TrunkRecipe().size  # the shared trunk's letterboxed square input
+    assert inp.shape[0] == "batch" and inp.shape[1:] == [3, side, side]
     meta = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map)
-    assert meta.task == "classification" and meta.labels == SHAPES and meta.input.size == (64, 64)
-    assert sess.run(None, {inp.name: np.zeros((3, 3, 64, 64), np.float32)})[0].shape == (3, len(SHAPES))
+    assert meta.task == "classification" and meta.labels == SHAPES and meta.input.size == (side, side)
+    assert meta.input.resize == "letterbox"
+    assert sess.run(None, {inp.name: np.zeros((3, 3, side, side), np.float32)})[0].shape == (3, len(SHAPES))
 
 
 def test_gate_refuses_to_write(tmp_path):

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
-from tests.conftest import MODEL_REPO, start_server
+from tests.conftest import MODEL_REPO, SIDE, start_server
 
 SLOW_DIM = 1024
 
@@ -102,7 +102,7 @@ def test_poll_mode_keeps_serving_when_the_model_file_is_corrupted_or_deleted(tmp
     stop = threading.Event()
 
     def load() -> None:  # steady traffic through every fault
-        x = np.random.default_rng(0).random((1, 3, 64, 64), np.float32)
+        x = np.random.default_rng(0).random((1, 3, SIDE, SIDE), np.float32)
         with grpc.insecure_channel(srv.url) as ch:
             s = kpb_grpc.GRPCInferenceServiceStub(ch)
             while not stop.is_set():

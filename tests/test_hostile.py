@@ -27,9 +27,9 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 from optic.export.data import make_scenes
 from optic.proto.optic.v1 import vision_pb2 as vpb
 from optic.proto.optic.v1 import vision_pb2_grpc as vpb_grpc
-from tests.conftest import ROOT, RunningServer, encode, start_server
+from tests.conftest import ROOT, SIDE, RunningServer, encode, start_server
 
-MAX_MESSAGE_MB = 4
+MAX_MESSAGE_MB = 32  # above a full batch of the committed classifier (32 x 3 x 256 x 256 floats: 25 MB)
 SCENE = make_scenes(1, seed=5)[0].image  # 64x64 RGB
 
 
@@ -94,7 +94,7 @@ def tensor_request(
     raw: bytes | None = None,
     **fields: object,
 ) -> kpb.ModelInferRequest:
-    shape = [1, 3, 64, 64] if shape is None else shape
+    shape = [1, 3, SIDE, SIDE] if shape is None else shape
     request = kpb.ModelInferRequest(model_name=model, **fields)
     request.inputs.add(name=name, datatype=datatype, shape=shape)
     count = math.prod(shape) if shape and all(0 <= d < 1 << 20 for d in shape) else 0
@@ -103,14 +103,14 @@ def tensor_request(
 
 
 def with_value(value: float) -> kpb.ModelInferRequest:
-    x = np.zeros((1, 3, 64, 64), np.float32)
+    x = np.zeros((1, 3, SIDE, SIDE), np.float32)
     x[0, 1, 2, 3] = value
     return tensor_request(raw=x.tobytes())
 
 
 def typed_contents(values: list[float]) -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name="classifier")
-    tensor = request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 64, 64])
+    tensor = request.inputs.add(name="images", datatype="FP32", shape=[1, 3, SIDE, SIDE])
     tensor.contents.fp32_contents.extend(values)
     return request
 
@@ -300,7 +300,7 @@ MATRIX: list[Case] = [
         "the same input twice",
         lambda: (
             lambda r: (
-                r.inputs.add(name="images", datatype="FP32", shape=[1, 3, 64, 64]),
+                r.inputs.add(name="images", datatype="FP32", shape=[1, 3, SIDE, SIDE]),
                 r.raw_input_contents.append(r.raw_input_contents[0]),
                 r,
             )[-1]
@@ -328,7 +328,7 @@ MATRIX: list[Case] = [
         "rank-wrong",
         "kserve.ModelInfer",
         "rank 3 for rank 4",
-        lambda: tensor_request(shape=[1, 3, 64]),
+        lambda: tensor_request(shape=[1, 3, SIDE]),
         "INVALID_ARGUMENT",
         "expects",
     ),
@@ -336,7 +336,7 @@ MATRIX: list[Case] = [
         "dim-wrong",
         "kserve.ModelInfer",
         "a fixed dimension wrong",
-        lambda: tensor_request(shape=[1, 3, 64, 65]),
+        lambda: tensor_request(shape=[1, 3, SIDE, SIDE + 1]),
         "INVALID_ARGUMENT",
         "expects",
     ),
@@ -344,7 +344,7 @@ MATRIX: list[Case] = [
         "dim-negative",
         "kserve.ModelInfer",
         "negative batch dimension",
-        lambda: tensor_request(shape=[-1, 3, 64, 64]),
+        lambda: tensor_request(shape=[-1, 3, SIDE, SIDE]),
         "INVALID_ARGUMENT",
         "negative dimension",
     ),
@@ -352,7 +352,7 @@ MATRIX: list[Case] = [
         "batch-zero",
         "kserve.ModelInfer",
         "zero-size batch",
-        lambda: tensor_request(shape=[0, 3, 64, 64]),
+        lambda: tensor_request(shape=[0, 3, SIDE, SIDE]),
         "INVALID_ARGUMENT",
         "batch of 0",
     ),
@@ -360,7 +360,7 @@ MATRIX: list[Case] = [
         "batch-over-max",
         "kserve.ModelInfer",
         "batch over the maximum",
-        lambda: tensor_request(shape=[40, 3, 64, 64]),
+        lambda: tensor_request(shape=[33, 3, SIDE, SIDE]),
         "INVALID_ARGUMENT",
         "it takes 1 to",
     ),
@@ -376,7 +376,7 @@ MATRIX: list[Case] = [
         "shape-huge",
         "kserve.ModelInfer",
         "batch dimension 2^62 (no allocation follows)",
-        lambda: tensor_request(shape=[1 << 62, 3, 64, 64], raw=b"\x00" * 64),
+        lambda: tensor_request(shape=[1 << 62, 3, SIDE, SIDE], raw=b"\x00" * 64),
         "INVALID_ARGUMENT",
         "raw contents hold",
     ),
@@ -432,7 +432,7 @@ MATRIX: list[Case] = [
         "nan-typed",
         "kserve.ModelInfer",
         "-Inf in typed contents",
-        lambda: typed_contents([-math.inf] + [0.0] * (3 * 64 * 64 - 1)),
+        lambda: typed_contents([-math.inf] + [0.0] * (3 * SIDE * SIDE - 1)),
         "INVALID_ARGUMENT",
         "NaN or infinite",
     ),

@@ -9,10 +9,10 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from optic.export.data import SHAPES, classification_arrays, make_scenes
+from optic.export.data import SHAPES, make_scenes
 from optic.server.metadata import ModelMeta
-from optic.server.tasks.image import normalize
-from tests.conftest import MODEL_REPO
+from optic.server.tasks.image import ImageLimits, prepare
+from tests.conftest import MODEL_REPO, SIDE
 
 MODEL_FILE = MODEL_REPO / "classifier" / "1" / "model.onnx"
 
@@ -26,8 +26,10 @@ def client(server):
 @pytest.fixture(scope="module")
 def batch() -> tuple[np.ndarray, np.ndarray]:
     meta = ModelMeta.from_props(ort.InferenceSession(str(MODEL_FILE)).get_modelmeta().custom_metadata_map)
-    images, labels = classification_arrays(make_scenes(8, seed=777))
-    return normalize(images, meta.input), labels
+    assert meta.input is not None
+    scenes = make_scenes(8, seed=777)
+    x = np.stack([prepare(s.encoded, meta.input, ImageLimits()).tensor for s in scenes])  # the server's own path
+    return x, np.array([s.label for s in scenes])
 
 
 def test_health_and_server_metadata(client):
@@ -46,11 +48,11 @@ def test_model_metadata(client):
     assert meta.name == "classifier" and list(meta.versions) == ["1"]
     assert meta.platform == "onnxruntime_onnx"
     (inp,) = meta.inputs
-    assert (inp.name, inp.datatype, list(inp.shape)) == ("images", "FP32", [-1, 3, 64, 64])
+    assert (inp.name, inp.datatype, list(inp.shape)) == ("images", "FP32", [-1, 3, SIDE, SIDE])
     (out,) = meta.outputs
     assert (out.name, out.datatype, list(out.shape)) == ("logits", "FP32", [-1, len(SHAPES)])
     as_json = client.get_model_metadata("classifier", as_json=True)
-    assert as_json["inputs"][0]["shape"] == ["-1", "3", "64", "64"]
+    assert as_json["inputs"][0]["shape"] == ["-1", "3", str(SIDE), str(SIDE)]
 
 
 def test_infer_matches_onnxruntime(client, batch):
@@ -72,7 +74,7 @@ def test_infer_typed_contents(server, batch):
 
     x, _ = batch
     request = service_pb2.ModelInferRequest(model_name="classifier")
-    tensor = request.inputs.add(name="images", datatype="FP32", shape=[2, 3, 64, 64])
+    tensor = request.inputs.add(name="images", datatype="FP32", shape=[2, 3, SIDE, SIDE])
     tensor.contents.fp32_contents.extend(x[:2].ravel().tolist())
     with grpc.insecure_channel(server.url) as ch:
         response = service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=30)
@@ -94,12 +96,12 @@ def _infer_error(
 @pytest.mark.parametrize(
     ("array", "datatype", "needle"),
     [
-        (np.zeros((1, 3, 32, 64), np.float32), "FP32", "expects [-1, 3, 64, 64]"),
-        (np.zeros((1, 64, 64), np.float32), "FP32", "expects [-1, 3, 64, 64]"),
-        (np.zeros((1, 3, 64, 64), np.float64), "FP64", "expects FP32"),
-        (np.zeros((1, 3, 64, 64), np.int32), "INT32", "expects FP32"),
-        (np.zeros((0, 3, 64, 64), np.float32), "FP32", "batch of 0"),
-        (np.zeros((33, 3, 64, 64), np.float32), "FP32", "batch of 33"),
+        (np.zeros((1, 3, 32, SIDE), np.float32), "FP32", f"expects [-1, 3, {SIDE}, {SIDE}]"),
+        (np.zeros((1, SIDE, SIDE), np.float32), "FP32", f"expects [-1, 3, {SIDE}, {SIDE}]"),
+        (np.zeros((1, 3, SIDE, SIDE), np.float64), "FP64", "expects FP32"),
+        (np.zeros((1, 3, SIDE, SIDE), np.int32), "INT32", "expects FP32"),
+        (np.zeros((0, 3, SIDE, SIDE), np.float32), "FP32", "batch of 0"),
+        (np.zeros((33, 3, SIDE, SIDE), np.float32), "FP32", "batch of 33"),
     ],
     ids=["wrong-dims", "wrong-rank", "fp64", "int32", "empty-batch", "over-max-batch"],
 )
@@ -113,16 +115,17 @@ def test_infer_wrong_byte_length(server):
     import grpc
 
     request = service_pb2.ModelInferRequest(model_name="classifier")
-    request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 64, 64])
-    request.raw_input_contents.append(b"\x00" * (3 * 64 * 64 * 4 - 4))
+    request.inputs.add(name="images", datatype="FP32", shape=[1, 3, SIDE, SIDE])
+    request.raw_input_contents.append(b"\x00" * (3 * SIDE * SIDE * 4 - 4))
     with grpc.insecure_channel(server.url) as ch, pytest.raises(grpc.RpcError) as err:
         service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "49148 bytes" in err.value.details() and "needs 49152" in err.value.details()
+    need = 3 * SIDE * SIDE * 4
+    assert f"{need - 4} bytes" in err.value.details() and f"needs {need}" in err.value.details()
 
 
 def test_infer_unknown_names(client):
-    x = np.zeros((1, 3, 64, 64), np.float32)
+    x = np.zeros((1, 3, SIDE, SIDE), np.float32)
     err = _infer_error(client, x, model="missing")
     assert err.status() == "StatusCode.NOT_FOUND" and "missing" in err.message()
     err = _infer_error(client, x, name="pixels")

@@ -16,28 +16,28 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import MODEL_REPO, start_server
+from tests.conftest import MODEL_REPO, SIDE, start_server
 
 CLASSIFIER = MODEL_REPO / "classifier" / "1" / "model.onnx"
 
-CONFIG = """
+CONFIG = f"""
 name: "classifier"
 max_batch_size: 8
-version_policy: { all { } }
-input [ { name: "images" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
-dynamic_batching {
+version_policy: {{ all {{ }} }}
+input [ {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {SIDE}, {SIDE} ] }} ]
+dynamic_batching {{
   preferred_batch_size: [ 4, 8 ]
   max_queue_delay_microseconds: 5000
-  default_queue_policy { max_queue_size: 64 default_timeout_microseconds: 20000000 }
-}
-instance_group [ { count: 2 kind: KIND_CPU } ]
-parameters { key: "note" value: { string_value: "from a test" } }
-model_warmup [ {
+  default_queue_policy {{ max_queue_size: 64 default_timeout_microseconds: 20000000 }}
+}}
+instance_group [ {{ count: 2 kind: KIND_CPU }} ]
+parameters {{ key: "note" value: {{ string_value: "from a test" }} }}
+model_warmup [ {{
   name: "zeros" batch_size: 2
-  inputs { key: "images" value: { data_type: TYPE_FP32 dims: [ 3, 64, 64 ] zero_data: true } }
-} ]
-optimization { graph { level: 1 } }
-response_cache { enable: true }
+  inputs {{ key: "images" value: {{ data_type: TYPE_FP32 dims: [ 3, {SIDE}, {SIDE} ] zero_data: true }} }}
+}} ]
+optimization {{ graph {{ level: 1 }} }}
+response_cache {{ enable: true }}
 """
 
 
@@ -54,7 +54,7 @@ def _repo(tmp: Path, versions: tuple[int, ...] = (1,), config: str | None = None
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 1, (n, 3, 64, 64)).astype(np.float32)
+    return np.random.default_rng(seed).normal(0, 1, (n, 3, SIDE, SIDE)).astype(np.float32)
 
 
 def _input(x: np.ndarray) -> tc.InferInput:
@@ -175,7 +175,7 @@ def test_stream_infer_in_order_with_errors_in_band(configured):
         x = _images(20, seed=4)
         for i in range(20):
             if i == 7:  # a bad request mid-stream: wrong input name
-                bad = tc.InferInput("pixels", [1, 3, 64, 64], "FP32")
+                bad = tc.InferInput("pixels", [1, 3, SIDE, SIDE], "FP32")
                 bad.set_data_from_numpy(x[:1])
                 client.async_stream_infer("classifier", [bad], request_id="bad")
             client.async_stream_infer("classifier", [_input(x[i : i + 1])], request_id=str(i))

@@ -12,7 +12,7 @@ import pytest
 
 from optic.server import runtime
 from optic.server.runtime import OnnxModel, RuntimeOptions, providers_for
-from tests.conftest import MODEL_REPO, ROOT
+from tests.conftest import MODEL_REPO, ROOT, SIDE
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 CLASSIFIER = MODEL_REPO / "classifier" / "1" / "model.onnx"
@@ -42,7 +42,7 @@ def test_cuda_options_reach_the_provider(monkeypatch):
 
 
 def test_io_binding_gives_the_same_answers():
-    x = np.random.default_rng(0).normal(0, 1, (5, 3, 64, 64)).astype(np.float32)
+    x = np.random.default_rng(0).normal(0, 1, (5, 3, SIDE, SIDE)).astype(np.float32)
     bound = OnnxModel(CLASSIFIER, RuntimeOptions(io_binding=True))
     plain = OnnxModel(CLASSIFIER, RuntimeOptions(io_binding=False))
     assert bound.io_binding and not plain.io_binding
@@ -74,7 +74,7 @@ def test_serve_with_device_cuda_fails_fast_without_cuda():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a GPU")
 def test_cuda_session_matches_cpu():
-    x = np.random.default_rng(1).normal(0, 1, (8, 3, 64, 64)).astype(np.float32)
+    x = np.random.default_rng(1).normal(0, 1, (8, 3, SIDE, SIDE)).astype(np.float32)
     gpu = OnnxModel(CLASSIFIER, RuntimeOptions(device="cuda"))
     assert gpu.providers[0] == "CUDAExecutionProvider" and gpu.io_binding
     cpu = OnnxModel(CLASSIFIER, RuntimeOptions(device="cpu"))

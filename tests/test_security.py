@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from optic.client.vision import Credentials, VisionClient
 from optic.export.data import make_scenes
-from tests.conftest import MODEL_REPO, ROOT, encode, start_server
+from tests.conftest import MODEL_REPO, ROOT, SIDE, encode, start_server
 
 TOKENS = ("first-token-0123456789abcdef", "rotated-token-fedcba9876543210")
 
@@ -164,8 +164,8 @@ def test_tls_server_answers_tls_clients_only(pki: Pki, one_model_repo: Path, tmp
         assert _code(_classify, srv.url, Credentials(ca=pki.rogue_cert)) == grpc.StatusCode.UNAVAILABLE
         # The stock Triton client over TLS.
         client = tc.InferenceServerClient(srv.url, ssl=True, root_certificates=str(pki.ca))
-        x = tc.InferInput("images", [1, 3, 64, 64], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 3, 64, 64), np.float32))
+        x = tc.InferInput("images", [1, 3, SIDE, SIDE], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 3, SIDE, SIDE), np.float32))
         assert client.infer("classifier", [x]).as_numpy("logits").shape == (1, 5)
         assert "TLS" in srv.log()
     finally:

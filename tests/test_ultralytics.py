@@ -124,6 +124,8 @@ def test_detect_reproduces_ultralytics_boxes(ultralytics_server, model):
         backward.append(matched_share(ours, our_cls, our_conf, theirs, their_cls, their_conf) * len(ours))
         assert abs(len(ours) - len(theirs)) <= max(1, 0.01 * len(theirs)), image
     assert total > 20, "the fixture should hold boxes (nms=True exports keep only those above their baked 0.25)"
+    print(f"{model}: {total} Ultralytics boxes, matched {sum(forward) / total:.4f} forward, "
+          f"{sum(backward) / total:.4f} backward")  # the figures, with -s
     assert sum(forward) / total >= 0.99
     assert sum(backward) / total >= 0.99
 
@@ -195,6 +197,8 @@ def test_segment_masks_match_ultralytics_retina_masks(ultralytics_server, run_na
             union = np.logical_or(mine, theirs).sum()
             ious.append(np.logical_and(mine, theirs).sum() / union if union else 1.0)
             assert ours[j].pixel_count == int(m.sum())
+    print(f"seg {run_name}: boxes matched {boxes_matched}/{boxes_total}, {len(ious)} masks, IoU min "
+          f"{min(ious):.4f} mean {float(np.mean(ious)):.4f}")  # the figures, with -s
     assert boxes_matched / boxes_total >= 0.99
     assert len(ious) > 20 and min(ious) >= 0.98, sorted(ious)[:5]
 
