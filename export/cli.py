@@ -21,7 +21,7 @@ TRUNK_FILE = "trunk.pt"  # beside the model entries; the server ignores files at
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
-        dest="export_command", required=True, metavar="{" + ",".join(MODELS) + ",all,convert,import,quantize}"
+        dest="export_command", required=True, metavar="{" + ",".join(MODELS) + ",all,train,convert,import,quantize}"
     )
     for name in (*MODELS, "all"):
         p = sub.add_parser(name, help=f"train and export {'every default model' if name == 'all' else 'the ' + name}")
@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--epochs", type=float, help="override the shared trunk's epochs (quick trials)")
         p.add_argument("--scenes", type=int, help="override the number of training scenes (quick trials)")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    from optic.export import finetune  # argparse only at import time
+
+    finetune.add_parser(sub)
 
     p = sub.add_parser("convert", help="turn a PyTorch checkpoint of one of our architectures into a repository entry")
     p.add_argument("checkpoint", type=Path)
@@ -152,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"wrote {path} and {path.parent.parent / 'config.pbtxt'}")
             return 0
+        if args.export_command == "train":
+            from optic.export import finetune
+
+            return finetune.run(args)
         try:
             from optic.export import convert
         except ImportError as exc:  # torch and tqdm come with the extra, not with the server
@@ -205,5 +213,5 @@ def build(args: argparse.Namespace) -> int:
     if args.export_command == "all" and all(r.written for r in reports):
         from optic.export.train import save_trunk
 
-        print(f"wrote {save_trunk(shared, args.out / TRUNK_FILE)} (the shared backbone and pyramid, for transfer learning)")
+        print(f"wrote {save_trunk(shared, args.out / TRUNK_FILE)} (the trunk `optic export train --from` starts from)")
     return 0 if all(r.written for r in reports) else 1
