@@ -25,7 +25,7 @@ from optic.export.data import COLORS, SHAPES, make_scenes
 from optic.export.models import ExportedCaptionEncoder
 from optic.export.onnx_export import to_onnx
 from optic.export.onnx_io import session, set_metadata
-from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution, served_spec
 from optic.export.train import TrunkRecipe, trained
 from optic.server.metadata import InputSpec, ModelMeta
 from optic.server.tasks.image import preprocess
@@ -102,7 +102,7 @@ def build(out: Path, recipe: CaptionerRecipe | None = None, progress: bool = Tru
     recipe = recipe or CaptionerRecipe()
     started = time.monotonic()
     trunk = trained(recipe.trunk, progress)
-    spec = recipe.trunk.input_spec
+    spec = served_spec(recipe.trunk.input_spec)
     encoder, decoder = ExportedCaptionEncoder(trunk.net).eval(), trunk.net.decoder.eval()
     rng = np.random.default_rng(recipe.seed)
     sample = torch.from_numpy(rng.uniform(0, 1, (2, 3, *spec.size)).astype(np.float32))

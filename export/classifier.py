@@ -19,7 +19,7 @@ from optic.export.data import SHAPES
 from optic.export.models import ExportedClassifier
 from optic.export.onnx_export import parity, to_onnx
 from optic.export.onnx_io import set_metadata
-from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution, served_spec
 from optic.export.train import TrunkRecipe, trained
 from optic.server.metadata import ModelMeta
 
@@ -59,7 +59,7 @@ def build(out: Path, recipe: ClassifierRecipe | None = None, progress: bool = Tr
     started = time.monotonic()
     trunk_recipe = recipe.trunk_recipe()
     trunk = trained(trunk_recipe, progress)
-    spec = trunk_recipe.input_spec
+    spec = served_spec(trunk_recipe.input_spec)
     model = ExportedClassifier(trunk.net).eval()
     rng = np.random.default_rng(recipe.seed)
     sample = rng.uniform(0, 1, (2, 3, *spec.size)).astype(np.float32)

@@ -22,7 +22,7 @@ from optic.export.data import SHAPES, Scene
 from optic.export.models import ExportedDetector, anchor_points
 from optic.export.onnx_export import parity, to_onnx
 from optic.export.onnx_io import set_metadata
-from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution, served_spec
 from optic.export.train import TrunkRecipe, trained
 from optic.server.metadata import DetectDefaults, ModelMeta
 
@@ -165,7 +165,7 @@ def build(out: Path, recipe: DetectorRecipe | None = None, progress: bool = True
     recipe = recipe or DetectorRecipe()
     started = time.monotonic()
     trunk = trained(recipe.trunk, progress)
-    spec = recipe.trunk.input_spec
+    spec = served_spec(recipe.trunk.input_spec)
     if recipe.size is not None:
         spec = replace(spec, size=(recipe.size, recipe.size))
     exported = ExportedDetector(trunk.net, spec.size).eval()

@@ -19,7 +19,7 @@ from optic.export.data import SHAPES
 from optic.export.models import ExportedSegmenter
 from optic.export.onnx_export import parity, to_onnx
 from optic.export.onnx_io import set_metadata
-from optic.export.recipe import ModelReport, finish, gate_props, in_distribution
+from optic.export.recipe import ModelReport, finish, gate_props, in_distribution, served_spec
 from optic.export.train import TrunkRecipe, trained
 from optic.server.metadata import ModelMeta
 
@@ -48,7 +48,7 @@ def build(out: Path, recipe: SegmenterRecipe | None = None, progress: bool = Tru
     recipe = recipe or SegmenterRecipe()
     started = time.monotonic()
     trunk = trained(recipe.trunk, progress)
-    spec = recipe.trunk.input_spec
+    spec = served_spec(recipe.trunk.input_spec)
     model = ExportedSegmenter(trunk.net, recipe.views).eval()
     rng = np.random.default_rng(recipe.seed)
     sample = rng.uniform(0, 1, (2, 3, *spec.size)).astype(np.float32)
