@@ -287,7 +287,7 @@ def grey16_png(width: int, height: int) -> bytes:
 
 
 def spinning_model(path: Path) -> Path:
-    """A valid ONNX classifier whose graph loops 10^12 times: its warm-up never ends (as tests/test_bounds.py)."""
+    """A valid ONNX classifier whose graph loops 10^12 times: its warm-up never ends (tests/test_bounds.py uses it)."""
     import onnx
     from onnx import TensorProto, helper
 

@@ -29,6 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from benchmarks.bounds import spinning_model, striped_png, striped_segmenter  # the attacks, as benchmarked
 from optic.export.data import make_scenes
 from optic.proto.inference import grpc_service_pb2 as kpb
 from optic.proto.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -262,39 +263,6 @@ def test_metrics_can_require_the_token(tmp_path):
 # ---------------------------------------------------------------- 5. a model whose warm-up never ends
 
 
-def spinning_model(path: Path) -> Path:
-    """A valid ONNX classifier whose graph loops 10^12 times: its warm-up never ends."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "one"], ["x_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["images"], ["s"], keepdims=0),
-         helper.make_node("Reshape", ["s", "shape1"], ["x0"]),
-         helper.make_node("Loop", ["trips", "cond", "x0"], ["x"], body=body),
-         helper.make_node("Reshape", ["x", "shape2"], ["logits"])],
-        "spin",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1])],
-        [helper.make_tensor("trips", TensorProto.INT64, [], [10**12]),
-         helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
-         helper.make_tensor("shape1", TensorProto.INT64, [1], [1]),
-         helper.make_tensor("shape2", TensorProto.INT64, [2], [1, 1])],
-    )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def index(url: str) -> dict[str, tuple[str, str]]:
     with grpc.insecure_channel(url) as ch:
         answer = kpb_grpc.GRPCInferenceServiceStub(ch).RepositoryIndex(kpb.RepositoryIndexRequest(), timeout=10)
@@ -400,41 +368,6 @@ def test_odd_version_directories_fail_only_their_model(tmp_path):
 
 
 # ---------------------------------------------------------------- 7. output work is bounded before it is done
-
-
-def striped_png(width: int, height: int) -> bytes:
-    stripes = np.zeros((height, width), np.uint8)
-    stripes[:, ::2] = 255  # a run per pixel in column-major RLE
-    buf = io.BytesIO()
-    Image.fromarray(stripes).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def striped_segmenter(path: Path) -> Path:
-    """A segmentation model whose class map alternates row by row, whatever the image: at a 625,000 x 64 image
-    its column-major RLE has a run per pixel (the adversarial review's 50 MB answer)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    pattern = np.zeros((1, 2, 64, 64), np.float32)
-    pattern[0, 1, ::2] = 1.0
-    graph = helper.make_graph(
-        [helper.make_node("Shape", ["images"], ["shape"], start=0, end=1),
-         helper.make_node("Concat", ["shape", "tail"], ["full"], axis=0),
-         helper.make_node("Expand", ["pattern", "full"], ["logits"])],
-        "stripes",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, 64, 64])],
-        [helper.make_tensor("pattern", TensorProto.FLOAT, [1, 2, 64, 64], pattern.ravel()),
-         helper.make_tensor("tail", TensorProto.INT64, [3], [2, 64, 64])],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    meta = {"optic.task": "segmentation", "optic.labels": '["even", "odd"]', "optic.input.size": "[64, 64]"}
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
