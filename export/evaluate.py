@@ -28,7 +28,7 @@ import onnxruntime as ort
 from optic.server.metadata import ModelMeta
 from optic.server.tasks.boxes import detect
 from optic.server.tasks.classify import top_k
-from optic.server.tasks.image import ImageLimits, Transform, prepare
+from optic.server.tasks.image import ImageLimits, Transform, image_size, prepare
 from optic.server.tasks.segment import class_map
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon")
@@ -358,17 +358,12 @@ def captioning(enc: ort.InferenceSession, dec: ort.InferenceSession, samples: Se
     }
 
 
-# ---------------------------------------------------------------- latency
+# ---------------------------------------------------------------- agreement of two models (int8 vs fp32)
 
 
-def agreement_top1(ref: ort.InferenceSession, new: ort.InferenceSession, samples: Sequence[Sample]) -> float:
-    """Share of images on which two classifiers give the same top-1 label."""
-    x, _ = prepared(samples, meta_of(ref))
-    return float((run(ref, x)[0].argmax(1) == run(new, x)[0].argmax(1)).mean())
-
-
-def agreement_pixels(ref: ort.InferenceSession, new: ort.InferenceSession, samples: Sequence[Sample]) -> float:
-    """Share of pixels (model resolution) on which two segmenters give the same class."""
+def agreement_argmax(ref: ort.InferenceSession, new: ort.InferenceSession, samples: Sequence[Sample]) -> float:
+    """Share of answers on which two models' argmax over the class axis agree: top-1 labels for classifiers,
+    pixel classes (at the model's resolution) for segmenters."""
     x, _ = prepared(samples, meta_of(ref))
     return float((run(ref, x)[0].argmax(1) == run(new, x)[0].argmax(1)).mean())
 
@@ -377,8 +372,10 @@ def agreement_boxes(ref: ort.InferenceSession, new: ort.InferenceSession, sample
     """mAP@0.5 of ``new``'s boxes scored against ``ref``'s confident boxes (score >= 0.25) as the truth."""
     images = []
     for img_id, sample in enumerate(samples, start=1):
-        h, w = _size_of(sample.encoded)
-        images.append({"id": img_id, "width": w, "height": h})
+        size = image_size(sample.encoded)
+        if size is None:
+            raise ValueError(f"image {img_id}: the header cannot be read")
+        images.append({"id": img_id, "width": size[0], "height": size[1]})
     anns = [
         {**r, "id": k, "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
         for k, r in enumerate((r for r in detections(ref, samples) if r["score"] >= 0.25), start=1)
@@ -389,11 +386,7 @@ def agreement_boxes(ref: ort.InferenceSession, new: ort.InferenceSession, sample
     return coco_map({"images": images, "annotations": anns, "categories": categories}, detections(new, samples))[0]
 
 
-def _size_of(encoded: bytes) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(encoded)) as img:
-        return img.height, img.width
+# ---------------------------------------------------------------- latency
 
 
 def latency_ms(fn: Callable[[], object], repeat: int = 30) -> float:

@@ -126,7 +126,6 @@ class QuantizeReport:
 
 
 _TASKS = ("classification", "detection", "segmentation")
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def _latest_version(entry: Path) -> Path:
@@ -137,7 +136,10 @@ def _latest_version(entry: Path) -> Path:
 
 
 def _folder_images(folder: Path) -> list[bytes]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    from optic.export.datasets import IMAGE_SUFFIXES
+
+    servable = IMAGE_SUFFIXES - {".tif", ".tiff"}  # TIFF is not a served format (docs/operations.md)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in servable and p.is_file())
     if len(files) < 4:
         raise ValueError(f"{folder}: found {len(files)} images (.jpg/.png/.bmp/.webp); calibration needs at least 4")
     return [p.read_bytes() for p in files]
@@ -155,11 +157,9 @@ def _agreement(task: str, ref: Any, new: Any, samples: list[Any]) -> float:
     """How often the int8 model answers what the fp32 one answers, on images neither was calibrated on."""
     from optic.export import evaluate
 
-    if task == "classification":
-        return evaluate.agreement_top1(ref, new, samples)
-    if task == "segmentation":
-        return evaluate.agreement_pixels(ref, new, samples)
-    return evaluate.agreement_boxes(ref, new, samples)
+    if task == "detection":
+        return evaluate.agreement_boxes(ref, new, samples)
+    return evaluate.agreement_argmax(ref, new, samples)  # classification and segmentation
 
 
 def quantize_entry(
