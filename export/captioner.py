@@ -88,10 +88,6 @@ def greedy_decode(encoder: ort.InferenceSession, decoder: ort.InferenceSession, 
     return [" ".join(w) for w in words]
 
 
-def bleu4(hypotheses: list[str], references: list[str]) -> float:
-    return evaluate.bleu4(hypotheses, references)
-
-
 def _data(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """Simple scenes (``SCENE_ARGS``) as the served encoder's input, and their captions."""
     scenes = make_scenes(count, seed, **SCENE_ARGS)

@@ -334,10 +334,13 @@ def stress_wording(caption: str) -> str:
     return " ".join(w for w in caption.split() if w not in ("large", "small"))
 
 
-def bleu4(hypotheses: list[str], references: list[str]) -> float:
+def bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU-4 (sacrebleu) against every reference of each image (one or more each), in [0, 1]."""
     import sacrebleu
 
-    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score / 100.0)
+    most = max(len(r) for r in references)
+    streams = [[r[k] if k < len(r) else r[0] for r in references] for k in range(most)]
+    return float(sacrebleu.corpus_bleu(hypotheses, streams).score / 100.0)
 
 
 def captioning(enc: ort.InferenceSession, dec: ort.InferenceSession, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -351,8 +354,8 @@ def captioning(enc: ort.InferenceSession, dec: ort.InferenceSession, samples: Se
         "named_largest": float((shape_ok & color_ok).mean()),
         "largest_shape": float(shape_ok.mean()),
         "largest_color": float(color_ok.mean()),
-        "bleu4": bleu4(hyps, refs),
-        "bleu4_stress_wording": bleu4([stress_wording(h) for h in hyps], refs),
+        "bleu4": bleu4(hyps, [[r] for r in refs]),
+        "bleu4_stress_wording": bleu4([stress_wording(h) for h in hyps], [[r] for r in refs]),
         "examples": [[h, r] for h, r in zip(hyps[:3], refs[:3], strict=True)],
         "n": len(samples),
     }

@@ -21,7 +21,7 @@ from torch import nn
 
 from optic.export.datasets import read_mask, tokenize
 from optic.export.datasets.text import BOS, EOS
-from optic.export.evaluate import EVAL_CONFIDENCE, EVAL_IOU, EVAL_MAX_DET, coco_map, mean_iou
+from optic.export.evaluate import EVAL_CONFIDENCE, EVAL_IOU, EVAL_MAX_DET, bleu4, coco_map, mean_iou
 from optic.export.finetune_data import Split
 from optic.export.report import Evaluation
 from optic.server.metadata import InputSpec
@@ -182,15 +182,6 @@ class Evaluator:
         if full:
             ev.captions = [(s.path.name, h, r[0]) for s, h, r in zip(self.samples[:12], hyps, refs, strict=False)]
         return ev
-
-
-def bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
-    """Corpus BLEU-4 (sacrebleu) against every reference of each image, in [0, 1]."""
-    import sacrebleu
-
-    most = max(len(r) for r in references)
-    streams = [[r[k] if k < len(r) else r[0] for r in references] for k in range(most)]
-    return float(sacrebleu.corpus_bleu(hypotheses, streams).score / 100.0)
 
 
 def pr_curves(truth: dict[str, Any], results: list[dict[str, Any]], names: Sequence[str]
