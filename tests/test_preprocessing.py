@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import astuple, replace
 
 import numpy as np
 import pytest
@@ -55,10 +56,99 @@ def test_pixel_bomb_is_refused_before_decoding():
         decode_image(data, ImageLimits(max_bytes=100))
 
 
-def test_large_jpeg_decodes_at_reduced_scale_to_the_same_tensor_shape():
-    img = Image.new("RGB", (1920, 1080), (10, 200, 30))
-    x = prepare(png(img, "JPEG"), SPEC, ImageLimits()).tensor
-    assert x.shape == (3, 64, 64)
+@pytest.mark.parametrize(
+    "layout, color, scale, mean, std",
+    [
+        ("NCHW", "RGB", 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+        ("NCHW", "RGB", 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's ImageNet
+        ("NHWC", "BGR", 1 / 255, (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)),
+        ("NCHW", "BGR", 1 / 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),  # not 1/N: multiplied, not divided
+        ("NHWC", "RGB", 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    ],
+)
+def test_normalize_is_bit_identical_to_the_per_pixel_arithmetic(layout, color, scale, mean, std):
+    """The lookup table must give exactly what ``x / 255 - mean) / std`` in float32 gives (torchvision's order),
+    for every byte, every channel order and layout, batched or not, and on a non-contiguous crop."""
+    spec = InputSpec(size=(8, 8), layout=layout, color=color, scale=scale, mean=mean, std=std)
+    rng = np.random.default_rng(1)
+    every_byte = np.arange(256 * 3, dtype=np.int64).reshape(16, 16, 3) % 256
+    for pixels in (
+        every_byte.astype(np.uint8),
+        rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8),
+        rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)[3:15:2, 2:9],
+    ):
+        x = pixels.astype(np.float32)
+        if color == "BGR":
+            x = x[..., ::-1]
+        inverse = 1.0 / scale
+        x = x / np.float32(inverse) if inverse == round(inverse) else x * np.float32(scale)
+        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        if layout == "NCHW":
+            x = np.moveaxis(x, -1, -3)
+        got = normalize(pixels, spec)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, x)
+    floats = rng.random((4, 4, 3), dtype=np.float32) * 255  # not bytes: the arithmetic itself
+    assert normalize(floats, spec).shape == ((3, 4, 4) if layout == "NCHW" else (4, 4, 3))
+
+
+def textured(width: int, height: int) -> Image.Image:
+    """A JPEG-worthy image with detail at every scale (a flat one would hide a wrong decode scale)."""
+    rng = np.random.default_rng(width * height)
+    coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+
+
+LETTERBOX_256 = InputSpec(size=(256, 256), resize="letterbox", decode="draft")
+
+
+@pytest.mark.parametrize(
+    "spec, size, decoded",
+    [
+        # letterbox: the model sees 256x192 of a 640x480 JPEG, so 1/2 scale (320x240) still downscales
+        (LETTERBOX_256, (640, 480), (320, 240)),
+        (LETTERBOX_256, (1920, 1080), (480, 270)),  # 1/4; 1/8 (240x135) would be below 256x144
+        (LETTERBOX_256, (500, 500), (500, 500)),  # 1/2 would be 250 < 256
+        (replace(LETTERBOX_256, decode="exact"), (640, 480), (640, 480)),
+        # a centre crop covers the target: 640x480 scales to 342x256, so 1/2 (320x240) is too small
+        (replace(LETTERBOX_256, resize="center_crop"), (640, 480), (640, 480)),
+        (replace(LETTERBOX_256, size=(128, 128), resize="stretch"), (640, 480), (320, 240)),
+        # torchvision's Resize(256) + CenterCrop(224): the shorter side must stay >= 256
+        (
+            InputSpec(size=(224, 224), resize="center_crop", resize_size=256, pipeline="torchvision", decode="draft"),
+            (1024, 768),
+            (512, 384),
+        ),
+        # Ultralytics' letterbox through OpenCV's IMREAD_REDUCED_COLOR_2: 640x360 is needed of 1920x1080
+        (
+            InputSpec(size=(640, 640), resize="letterbox", pipeline="ultralytics", decode="draft"),
+            (1920, 1080),
+            (960, 540),
+        ),
+    ],
+)
+def test_draft_decode_stops_at_the_size_the_resize_scales_to(spec, size, decoded):
+    got = decode_image(png(textured(*size), "JPEG", quality=90), ImageLimits(), spec)
+    assert (got.pixels.shape[1], got.pixels.shape[0]) == decoded
+    assert (got.width, got.height) == size  # the client's size, for mapping answers back
+
+
+def test_draft_decode_of_a_turned_jpeg_reduces_in_its_stored_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640x480, shown 480x640
+    got = decode_image(png(textured(640, 480), "JPEG", exif=exif), ImageLimits(), LETTERBOX_256)
+    assert got.pixels.shape[:2] == (320, 240) and (got.width, got.height) == (480, 640)
+
+
+def test_draft_decode_changes_the_pixels_a_little_and_the_geometry_not_at_all():
+    data = png(textured(640, 480), "JPEG", quality=90)
+    exact = prepare(data, replace(LETTERBOX_256, decode="exact"), ImageLimits())
+    draft = prepare(data, LETTERBOX_256, ImageLimits())
+    assert exact.tensor.shape == draft.tensor.shape == (3, 256, 256)
+    # Boxes and masks map back to the same pixels.
+    assert astuple(exact.transform) == pytest.approx(astuple(draft.transform))
+    difference = np.abs(exact.tensor - draft.tensor)
+    assert 0 < difference.mean() < 2 / 255 and np.percentile(difference, 99) < 10 / 255
 
 
 def test_top_k_softmax():
