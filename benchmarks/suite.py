@@ -49,6 +49,7 @@ REPO = ROOT / "model_repo"
 VISION_METHODS = ("Classify", "Detect", "Segment", "Caption")
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("classifier", "detector", "segmenter", "captioner")
+TASK_OF = {"classifier": "classify", "detector": "detect", "segmenter": "segment", "captioner": "caption"}
 
 
 # ---------------------------------------------------------------- in-process limit
@@ -79,7 +80,8 @@ def in_process(model: str, seconds: float) -> dict:
                 classify.top_k(row, meta, 5)
         elif model == "detector":
             for p, pred in zip(prepared, outputs["detections"], strict=True):
-                found = boxes.detect(pred, "yolov5")
+                # The model's own layout, as the server reads it (the default detector is YOLOv8's [4+C, A]).
+                found = boxes.detect(pred, boxes.layout_of(pred.shape, meta.output_layout, len(meta.labels)))
                 p.transform.to_original(found.boxes)
         elif model == "segmenter":
             for p, logits in zip(prepared, outputs["logits"], strict=True):
@@ -167,7 +169,8 @@ def measure_model(model: str, args: argparse.Namespace) -> dict:
         out["batching_off"] = _brief(bench.run(replace(base, url=url)))
     finally:
         stop(proc)
-    out["echo"] = echo_ceiling(base, size)
+    # The echo server answers the task's RPC only (no ModelMetadata to look the task up from).
+    out["echo"] = echo_ceiling(replace(base, task=TASK_OF[model]), size)
     out["echo"]["reply_bytes"] = size
     served = out["served"]["throughput_rps"]
     out["ratios"] = {
