@@ -112,6 +112,50 @@ def test_a_stream_that_is_never_read_holds_a_bounded_number_of_bytes(tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
+def test_request_bytes_in_flight_are_capped_by_their_size_on_the_wire(tmp_path):
+    """--max-inflight-mb counts what each unary request occupies (its wire size): a second 14 MB tensor while the
+    first runs is refused by name, a lone one always fits, and nothing stays counted afterwards."""
+    repo = copy_models(tmp_path / "repo", "detector")
+    srv = start_server(tmp_path, "--max-inflight-mb", "16", repo=repo)
+    with grpc.insecure_channel(srv.url) as ch:
+        meta = kpb_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(kpb.ModelMetadataRequest(name="detector"))
+        side = meta.inputs[0].shape[-1]
+    x = np.random.default_rng(0).random((8, 3, side, side), dtype=np.float32)  # 14 MB at 384 px
+    request = kpb.ModelInferRequest(model_name="detector")
+    request.inputs.add(name="images", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    assert 8 * 2**20 < request.ByteSize() <= 16 * 2**20
+
+    async def burst() -> list[grpc.StatusCode]:
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(srv.url, options=options) as ch:
+            stub = kpb_grpc.GRPCInferenceServiceStub(ch)
+
+            async def one() -> grpc.StatusCode:
+                try:
+                    await stub.ModelInfer(request, timeout=60)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    assert "--max-inflight-mb" in (exc.details() or ""), exc.details()
+                    return exc.code()
+
+            return await asyncio.gather(*(one() for _ in range(6)))
+
+    try:
+        codes = asyncio.run(burst())
+        assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        with grpc.insecure_channel(srv.url, options=options) as ch:
+            for _ in range(2):  # one after the other: each alone in flight, each admitted
+                kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=60)
+        metrics = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
+        assert 'optic_admission_inflight{kind="bytes"} 0.0' in metrics
+        assert 'optic_admission_limit{kind="bytes"} 1.6777216e+07' in metrics
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
 # ---------------------------------------------------------------- 2. idle streams lock nobody out
 
 
