@@ -824,6 +824,14 @@ def f9_refused_payloads(env: Env, args: argparse.Namespace) -> Figures:
     return figures
 
 
+def image_shape(model_dir: Path) -> tuple[int, ...]:
+    """One image's input shape (C, H, W), read from the model: a hard-coded 64x64 outlived the default models."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return tuple(int(d) for d in sess.get_inputs()[0].shape[1:])
+
+
 def f10_cancelled_streams(env: Env, args: argparse.Namespace) -> Figures:
     """Busy streams (a window of work started) cancelled by their client after the first answer: first with two
     items of each stream failing in-band (the review's case), then with every item valid."""
@@ -836,6 +844,7 @@ def f10_cancelled_streams(env: Env, args: argparse.Namespace) -> Figures:
     }
     phrase = "Task exception was never retrieved"
     count = lambda text, words: sum(words in line for line in text.splitlines())  # noqa: E731
+    shape = image_shape(repo / "classifier")  # "valid" must be valid for whichever classifier is the default
 
     async def attack(url: str, failing: int) -> None:
         async with grpc.aio.insecure_channel(url) as ch:
@@ -848,7 +857,7 @@ def f10_cancelled_streams(env: Env, args: argparse.Namespace) -> Figures:
                         await call.write(pb.DetectFrame(frame_id=j, request=request))
                 else:
                     call = kpb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer()
-                    x = np.random.default_rng(i).random((4, 3, 64, 64), dtype=np.float32)
+                    x = np.random.default_rng(i).random((1, *shape), dtype=np.float32)
                     for j in range(8):
                         infer = kpb.ModelInferRequest(model_name="classifier" if j < 8 - failing else "missing")
                         infer.inputs.add(name="images", datatype="FP32", shape=list(x.shape))

@@ -43,7 +43,14 @@ from optic.proto.inference import grpc_service_pb2 as pb  # noqa: E402
 from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-SHAPES = {"classifier": (3, 64, 64), "detector": (3, 96, 96)}
+MODELS = ("classifier", "detector")
+
+
+def input_shape(repo: Path, model: str) -> tuple[int, ...]:
+    """One image's input shape, read from the model itself: the default models' sizes change (a hard-coded
+    64x64 outlived them and every request was refused)."""
+    spec = OnnxModel(repo / model / "1" / "model.onnx", RuntimeOptions(intra_op_threads=1)).inputs[0]
+    return spec.shape[1:]
 
 
 def request(model: str, x: np.ndarray) -> bytes:
@@ -53,9 +60,10 @@ def request(model: str, x: np.ndarray) -> bytes:
     return req.SerializeToString()
 
 
-def payloads(model: str, n: int = 64) -> list[bytes]:
+def payloads(repo: Path, model: str, n: int = 64) -> list[bytes]:
     rng = np.random.default_rng(0)
-    return [request(model, rng.random((1, *SHAPES[model]), dtype=np.float32)) for _ in range(n)]
+    shape = input_shape(repo, model)
+    return [request(model, rng.random((1, *shape), dtype=np.float32)) for _ in range(n)]
 
 
 def start(repo: Path, *flags: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
@@ -89,8 +97,8 @@ def stop(proc: subprocess.Popen) -> int:
 
 def throughput(args: argparse.Namespace) -> dict:
     results: dict = {}
-    for model in ("classifier", "detector"):
-        data = payloads(model)
+    for model in MODELS:
+        data = payloads(args.model_repo, model)
         runs: dict[str, list[dict]] = {"batching_on": [], "batching_off": []}
         for _ in range(args.rounds):
             for mode, flags in (("batching_on", ()), ("batching_off", ("--max-batch-size", "0"))):
@@ -99,6 +107,8 @@ def throughput(args: argparse.Namespace) -> dict:
                     r = run_load(url, data, 64, args.warmup, args.seconds, INFER)
                 finally:
                     stop(proc)
+                if r["errors"]:
+                    raise SystemExit(f"{model} {mode}: requests failed, the figures would mean nothing: {r['errors']}")
                 runs[mode].append(r)
                 print(
                     f"{model:10s} {mode:12s} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
@@ -113,8 +123,8 @@ def throughput(args: argparse.Namespace) -> dict:
 
 def lone_latency(args: argparse.Namespace) -> dict:
     results: dict = {}
-    for model in ("classifier", "detector"):
-        x = np.random.default_rng(1).random((1, *SHAPES[model]), dtype=np.float32)
+    for model in MODELS:
+        x = np.random.default_rng(1).random((1, *input_shape(args.model_repo, model)), dtype=np.float32)
         local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions())
         local.warmup([1])
         times = []
@@ -153,7 +163,7 @@ def poll_swap(args: argparse.Namespace) -> dict:
         shutil.copytree(args.model_repo / "classifier", repo / "classifier")
         proc, url = start(repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.5")
         out: mp.Queue = mp.Queue()
-        p = mp.Process(target=load, args=(url, payloads("classifier"), 16, 0.0, 12.0, out, INFER))
+        p = mp.Process(target=load, args=(url, payloads(repo, "classifier"), 16, 0.0, 12.0, out, INFER))
         try:
             p.start()
             for version, at in (("2", 3.0), ("3", 7.0)):

@@ -36,14 +36,27 @@ from benchmarks.classify_vs_echo import free_port, wait_ready  # noqa: E402
 from optic.export.data import make_scenes  # noqa: E402
 from optic.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc  # noqa: E402
-from optic.server.metadata import InputSpec  # noqa: E402
+from optic.server.metadata import InputSpec, ModelMeta  # noqa: E402
 from optic.server.tasks.boxes import non_max_suppression  # noqa: E402
 from optic.server.tasks.image import ImageLimits, prepare  # noqa: E402
 from tests.test_detection import ort_nms, ort_nms_session  # noqa: E402
 
+
+def served_spec(model: str) -> InputSpec:
+    """A default model's input spec as the server reads it (sizes change with the models: issue 16's outlived a
+    hard-coded 64x64 here)."""
+    import onnxruntime as ort
+
+    path = ROOT / "model_repo" / model / "1" / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    spec = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map).input
+    assert spec is not None
+    return spec
+
+
 SPECS = {
-    "classifier": InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
-    "detector": InputSpec(size=(96, 96), resize="letterbox"),
+    "classifier": served_spec("classifier"),
+    "detector": served_spec("detector"),
     # The reference pipelines: Ultralytics' predictor (OpenCV decode + INTER_LINEAR letterbox) and
     # torchvision's ResNet-50 IMAGENET1K_V2 transforms (shorter side 232, crop 224, Pillow bilinear).
     "ultralytics-640": InputSpec(size=(640, 640), resize="letterbox", pipeline="ultralytics"),
@@ -82,7 +95,6 @@ def decode_figures() -> dict:
     for w, h in ((640, 480), (1920, 1080)):
         data = photo(w, h)
         for model, spec in SPECS.items():
-
             draft, exact = replace(spec, decode="draft"), replace(spec, decode="exact")
 
             key = f"{w}x{h}->{model}"
