@@ -6,8 +6,8 @@
     alternate on/off and the median is reported.
 (b) Latency of a lone request (one caller, sequential) through the server vs
     calling the same onnxruntime session in-process on the same tensor:
-    the difference is the serving overhead. Measured with the default 2 ms
-    batching window and with ``--max-queue-delay-ms 0``.
+    the difference is the serving overhead. Measured with the defaults (the
+    adaptive window) and with ``--max-queue-delay-ms 0``.
 (c) Poll-mode swaps under load: 16 callers for 12 s while two new versions are
     dropped into the repository; every failed request is counted.
 

@@ -123,7 +123,8 @@ def echo_ceiling(config: bench.BenchConfig, reply_size: int) -> dict:
     proc.start()
     try:
         time.sleep(1.0)
-        result = bench.run(replace(config, url=f"127.0.0.1:{port}"))
+        # The echo answers the task's RPC only: no ModelMetadata to look the task up from, so name it.
+        result = bench.run(replace(config, url=f"127.0.0.1:{port}", task=config.task or TASK_OF[config.model]))
     finally:
         proc.terminate()
     return _brief(result)
@@ -169,8 +170,7 @@ def measure_model(model: str, args: argparse.Namespace) -> dict:
         out["batching_off"] = _brief(bench.run(replace(base, url=url)))
     finally:
         stop(proc)
-    # The echo server answers the task's RPC only (no ModelMetadata to look the task up from).
-    out["echo"] = echo_ceiling(replace(base, task=TASK_OF[model]), size)
+    out["echo"] = echo_ceiling(base, size)
     out["echo"]["reply_bytes"] = size
     served = out["served"]["throughput_rps"]
     out["ratios"] = {

@@ -1,8 +1,9 @@
 """Vision API figures, one run on one machine (issue 5).
 
 1. Decode + preprocess per image for a 640x480 and a 1920x1080 JPEG into the
-   classifier (64x64 stretch) and the detector (96x96 letterbox), with Pillow's
-   JPEG ``draft`` (DCT-domain downscale, what the server does) and without.
+   default classifier and detector (their own input specs, read from the models) and the Ultralytics and
+   torchvision reference pipelines, with the JPEG ``draft`` decode (DCT-domain downscale, what the default models
+   declare) and without.
 2. NMS on 8,400 candidates (the Ultralytics 640x640 count), ours (vectorised
    numpy) vs onnxruntime's NonMaxSuppression operator, kept sets compared.
 3. Per task, a lone request's p50 split into decode / preprocess / inference /

@@ -46,8 +46,9 @@ class _Undecodable:
 
 @dataclass(frozen=True, slots=True)
 class _Sized:
-    """A parsed unary request and its size on the wire, which the byte budget counts. (``ByteSize()`` encodes the
-    whole message again: ~1 ms of a lone 1.8 MB detector tensor's request, on fresh memory.)"""
+    """A parsed unary request and the size of the bytes it was parsed from (decompressed, if the client
+    compressed), which the byte budget counts. ``ByteSize()`` encodes the whole message again: it was 1.4 ms of a
+    lone 1.8 MB detector tensor's request (docs/benchmarks.md, serving core)."""
 
     message: Any
     size: int

@@ -129,10 +129,10 @@ def test_bad_arguments_are_one_line(server):
 def test_the_suites_echo_ceiling_answers_every_task():
     """`make bench` compares every model with a bare gRPC echo server; the load tool must not need RPCs the echo
     lacks (it once asked the echo for ModelMetadata and the whole suite died at its first model)."""
-    from benchmarks.suite import MODELS, TASK_OF, echo_ceiling
+    from benchmarks.suite import MODELS, echo_ceiling
     from optic.client.bench import BenchConfig
 
     for model in MODELS:
-        config = BenchConfig(model=model, task=TASK_OF[model], concurrency=2, duration=0.3, warmup=0.1, progress=False)
+        config = BenchConfig(model=model, concurrency=2, duration=0.3, warmup=0.1, progress=False)  # as the suite
         result = echo_ceiling(config, reply_size=64)
         assert result["errors"] == {} and result["requests"] > 0, (model, result)

@@ -13,7 +13,7 @@ from PIL import Image
 from optic.server.errors import InvalidArgument
 from optic.server.metadata import InputSpec, MetadataError, ModelMeta
 from optic.server.tasks import classify
-from optic.server.tasks.image import ImageLimits, cheap_to_decode, decode_image, normalize, prepare
+from optic.server.tasks.image import ImageLimits, cheap_to_decode, decode_image, normalize, prepare, preprocess
 from optic.server.tensors import from_contents, from_raw, to_raw
 
 SPEC = InputSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -131,6 +131,36 @@ def test_draft_decode_stops_at_the_size_the_resize_scales_to(spec, size, decoded
     got = decode_image(png(textured(*size), "JPEG", quality=90), ImageLimits(), spec)
     assert (got.pixels.shape[1], got.pixels.shape[0]) == decoded
     assert (got.width, got.height) == size  # the client's size, for mapping answers back
+
+
+PIPELINE_RESIZES = [
+    ("optic", "letterbox"), ("optic", "stretch"), ("optic", "center_crop"),
+    ("torchvision", "center_crop"), ("torchvision", "shorter_side"), ("torchvision", "stretch"),
+    ("torchvision", "letterbox"),  # not a torchvision transform: resize() stretches it
+    ("ultralytics", "letterbox"), ("ultralytics", "letterbox_auto"), ("ultralytics", "center_crop"),
+    ("ultralytics", "stretch"),  # classify_transforms with a non-square imgsz
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("pipeline, resize", PIPELINE_RESIZES)
+def test_draft_decode_never_makes_a_resize_scale_up(pipeline, resize):
+    """Whatever the pipeline, resize mode, aspect and EXIF orientation, the drafted pixels are never smaller than
+    what the model's resize scales them to (every scale <= 1), and the tensor has the model's size."""
+    size = (48, 48) if resize == "center_crop" and pipeline == "ultralytics" else (48, 64)  # (h, w); a square crop
+    spec = InputSpec(size=size, resize=resize, pipeline=pipeline, resize_size=56 if pipeline == "torchvision" else 0,
+                     stride=16, decode="draft")  # fmt: skip
+    rng = np.random.default_rng(hash((pipeline, resize)) % 2**32)
+    for orientation in (1, 6, 3, 8):
+        width, height = int(rng.integers(100, 700)), int(rng.integers(100, 700))
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        decoded = decode_image(png(textured(width, height), "JPEG", exif=exif), ImageLimits(), spec)
+        _, transform = preprocess(decoded.pixels, spec)
+        case = (width, height, orientation, decoded.pixels.shape)
+        assert transform.scale_x <= 1 + 1e-9 and transform.scale_y <= 1 + 1e-9, case
+        tensor = prepare(png(textured(width, height), "JPEG", exif=exif), spec, ImageLimits()).tensor
+        if resize not in ("letterbox_auto", "shorter_side"):  # those two keep the image's own aspect
+            assert tensor.shape == (3, *size), case
 
 
 def test_draft_decode_of_a_turned_jpeg_reduces_in_its_stored_orientation():

@@ -11,6 +11,7 @@ formulas; ``tests/test_pipelines.py`` checks them against the references).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -57,7 +58,10 @@ def resize(pixels: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Transform]:
     if spec.pipeline == "ultralytics":
         if spec.resize in ("letterbox", "letterbox_auto"):
             return ultralytics_letterbox(pixels, spec)
-        return shorter_side(pixels, spec.size[0], spec.size if spec.resize == "center_crop" else None, "bilinear")
+        if spec.resize == "center_crop":
+            return shorter_side(pixels, spec.size[0], spec.size, "bilinear")
+        # classify_transforms with a non-square imgsz: torchvision's Resize((h, w)), exactly that size.
+        return stretch(pixels, spec)
     if spec.pipeline == "torchvision":
         if spec.resize == "center_crop":
             return shorter_side(pixels, spec.resize_size or min(spec.size), spec.size, spec.interpolation)
@@ -65,6 +69,31 @@ def resize(pixels: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Transform]:
             return shorter_side(pixels, spec.resize_size or min(spec.size), None, spec.interpolation)
         return stretch(pixels, spec)
     return optic(pixels, spec)
+
+
+def resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """(w, h) to which :func:`resize` scales a ``width x height`` image before it pads or crops, rounded up: a
+    decoder may reduce the image to this and no further, and the resize stays a downscale. Mirrors resize()."""
+    th, tw = spec.size
+
+    def scaled(r: float) -> tuple[int, int]:
+        return max(1, math.ceil(width * r)), max(1, math.ceil(height * r))
+
+    if spec.pipeline == "ultralytics":
+        if spec.resize in ("letterbox", "letterbox_auto"):
+            return scaled(min(tw / width, th / height))
+        if spec.resize == "center_crop":
+            return scaled(spec.size[0] / min(width, height))
+        return tw, th
+    if spec.pipeline == "torchvision":
+        if spec.resize in ("center_crop", "shorter_side"):
+            return scaled((spec.resize_size or min(spec.size)) / min(width, height))
+        return tw, th  # stretch (and anything else: resize() stretches it)
+    if spec.resize == "stretch":
+        return tw, th
+    if spec.resize == "center_crop":
+        return scaled(max(tw / width, th / height))
+    return scaled(min(tw / width, th / height))  # optic() letterboxes every other mode
 
 
 # ---------------------------------------------------------------- ours
