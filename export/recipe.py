@@ -35,6 +35,17 @@ IN_DISTRIBUTION_SEED = 5_000_003  # our generator's held-out scenes: a seed trai
 IN_DISTRIBUTION_SIZE = 300
 
 
+# config.pbtxt written beside default models that batch better below --max-batch-size. onnxruntime's cost per image
+# rises with batch size for these models on CPU (benchmarks/peers/bound.py: classifier 2.49 / 2.73 / 3.14 ms at
+# batch 1 / 12 / 32); at 64 callers, batches of 8 served more than batches of 32 in two alternating rounds each
+# (classifier 194.8 / 189.2 vs 184.0 / 168.0 img/s, detector 57.0 / 60.7 vs 56.0 / 58.7; docs/benchmarks.md).
+SERVING_CONFIG = {
+    entry: "# Under load, run batches of 8 (Triton's preferred_batch_size): cheaper per image on CPU than 32.\n"
+    "dynamic_batching { preferred_batch_size: [ 8 ] }\n"
+    for entry in ("classifier", "detector")
+}
+
+
 def served_spec(spec: InputSpec) -> InputSpec:
     """The input spec the default models are served with: their training pre-processing, and the JPEG draft decode
     (a JPEG decodes at 1/2, 1/4 or 1/8 scale, never below the size the letterbox scales it to). Measured on the
@@ -172,8 +183,10 @@ def finish(
     below = [f"{k} {v:.4f} < gate {g:.2f}" for k, (v, g) in gates.items() if v < g]
     if below:
         return replace(report, reason="; ".join(below))
-    for proto, path in zip(protos.values(), report.paths, strict=True):
+    for (entry, proto), path in zip(protos.items(), report.paths, strict=True):
         write_atomically(proto, path)
+        if entry in SERVING_CONFIG:
+            (out / entry / "config.pbtxt").write_text(SERVING_CONFIG[entry])
     return replace(report, written=True)
 
 

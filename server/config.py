@@ -163,6 +163,16 @@ def effective(
         db = cfg.dynamic_batching
         if not config.HasField("dynamic_batching") or not db.max_queue_delay_microseconds:
             db.max_queue_delay_microseconds = round(defaults.batching.max_queue_delay * 1e6)
+        above = [b for b in db.preferred_batch_size if b > cfg.max_batch_size]
+        if above and not file.sets_max_batch_size:
+            # The maximum is the server's (--max-batch-size), not the file's: a smaller server cap is the operator's
+            # memory bound, so it wins over the model's hint, with a word (at load, so at most once per load).
+            log.warning(
+                "%s: preferred_batch_size %s is above --max-batch-size %d; ignored", name, above, cfg.max_batch_size
+            )
+            kept = [b for b in db.preferred_batch_size if b <= cfg.max_batch_size]
+            del db.preferred_batch_size[:]
+            db.preferred_batch_size.extend(kept)
         bad = [b for b in db.preferred_batch_size if not 1 <= b <= cfg.max_batch_size]
         if bad:
             raise ConfigError(f"preferred_batch_size {bad} outside 1..max_batch_size ({cfg.max_batch_size})")

@@ -50,7 +50,9 @@ class BatchingConfig:
     max_queue_delay: float = 0.002  # seconds the oldest request may wait for company
     max_queue_size: int = 1024  # queued requests beyond this are refused (backpressure)
     instances: int = 1  # batches allowed to run at once
-    # Batch sizes to dispatch at as soon as they are reached and nothing compatible is waiting (Triton's meaning).
+    # Triton's meaning: under load a batch stops at the largest preferred size (the queue keeps the rest for the
+    # next one), and a batch that reaches a preferred size with nothing more waiting leaves at once. A request
+    # larger than the largest preferred size still runs whole. Empty: batches fill to max_batch_size.
     preferred_batch_sizes: tuple[int, ...] = ()
     adaptive: bool = True  # gather only while waiting pays (module docstring); False: always the whole window
 
@@ -171,7 +173,8 @@ class DynamicBatcher:
         return True
 
     def _take(self, key: tuple | None, room: int) -> list[_Pending]:
-        """Remove from the queue, oldest first, live requests matching ``key`` that fit in ``room``."""
+        """Remove from the queue, oldest first, live requests matching ``key`` that fit in ``room``; with no
+        ``key``, the oldest live request leads (taken whatever its size) and sets it."""
         taken: list[_Pending] = []
         kept: deque[_Pending] = deque()
         now = time.monotonic()
@@ -179,9 +182,10 @@ class DynamicBatcher:
             item = self._queue.popleft()
             if not self._live(item, now):
                 continue
+            lead = key is None
             if key is None:
                 key = item.key
-            if item.key == key and item.size <= room:
+            if item.key == key and (item.size <= room or lead):
                 taken.append(item)
                 room -= item.size
                 if self.config.max_batch_size <= 0:
@@ -195,16 +199,18 @@ class DynamicBatcher:
         return taken
 
     async def _schedule(self) -> None:
-        cap = max(1, self.config.max_batch_size)
+        preferred = [b for b in self.config.preferred_batch_sizes if b <= self.config.max_batch_size]
+        limit = max(preferred) if preferred else max(1, self.config.max_batch_size)
         while True:
             await self._slots.acquire()
             batch: list[_Pending] = []
             while not batch:
-                batch = self._take(None, cap)
+                batch = self._take(None, limit)
                 if not batch:
                     self._arrived.clear()
                     await self._arrived.wait()
             size = sum(p.size for p in batch)
+            cap = max(limit, size)  # a request larger than the largest preferred size runs whole
             flush_at = batch[0].enqueued + self.config.max_queue_delay
             while size < cap and self.config.max_batch_size > 0:
                 more = self._take(batch[0].key, cap - size)

@@ -189,6 +189,23 @@ def test_stream_infer_in_order_with_errors_in_band(configured):
     np.testing.assert_allclose(outputs, _expected(x), atol=1e-4)
 
 
+def test_a_preferred_size_above_the_servers_cap_is_ignored_with_a_word(tmp_path):
+    """The default models prefer batches of 8 (their config.pbtxt); an operator's smaller --max-batch-size is a
+    memory bound and wins, instead of failing the model's load."""
+    config = "dynamic_batching { preferred_batch_size: [ 2, 8 ] }"
+    srv = start_server(tmp_path, "--max-batch-size", "4", repo=_repo(tmp_path, config=config))
+    try:
+        with tc.InferenceServerClient(srv.url) as client:
+            served = client.get_model_config("classifier", as_json=True)["config"]
+            assert served["max_batch_size"] == 4 and served["dynamic_batching"]["preferred_batch_size"] == [2]
+            x = _images(3)
+            np.testing.assert_allclose(client.infer("classifier", [_input(x)]).as_numpy("logits"), _expected(x),
+                                       atol=1e-4)  # fmt: skip
+    finally:
+        assert srv.stop() == 0
+    assert "preferred_batch_size [8] is above --max-batch-size 4; ignored" in srv.log()
+
+
 @pytest.mark.parametrize(
     ("config", "reason"),
     [

@@ -188,6 +188,38 @@ def test_preferred_batch_size_dispatches_without_waiting_out_the_delay():
     assert model.sizes == [2] and elapsed < 1.0  # not the 2 s queue delay
 
 
+def _backlog(model, config, sizes):
+    """One request occupies the model; then requests of ``sizes`` arrive together and queue behind it."""
+
+    async def body(b):
+        first = asyncio.ensure_future(b.infer({"x": np.ones((1, 4), np.float32)}))
+        await asyncio.sleep(0.05)  # the first is running: the rest queue
+        xs = [np.full((n, 4), i, np.float32) for i, n in enumerate(sizes)]
+        answers = await asyncio.gather(*(b.infer({"x": x}) for x in xs))
+        await first
+        for x, answer in zip(xs, answers, strict=True):
+            np.testing.assert_array_equal(answer["y"], 2 * x)  # each caller still gets its own rows
+
+    run(_with_batcher(model, config, body))
+
+
+@pytest.mark.parametrize("preferred, expected", [((), [1, 32, 8]), ((8,), [1, 8, 8, 8, 8, 8]), ((4, 8), [1] + [8] * 5)])
+def test_under_load_batches_stop_at_the_largest_preferred_size(preferred, expected):
+    """Triton's meaning: with a backlog, a batch is the largest preferred size, not max_batch_size; onnxruntime
+    costs more per image in full batches of these models (docs/benchmarks.md), so a model can say so."""
+    model = Recorder(delay=0.2)
+    config = BatchingConfig(max_batch_size=32, max_queue_delay=0.5, preferred_batch_sizes=preferred)
+    _backlog(model, config, [1] * 40)
+    assert model.sizes == expected
+
+
+def test_a_request_larger_than_the_preferred_size_runs_whole_and_is_not_passed_over():
+    model = Recorder(delay=0.1)
+    config = BatchingConfig(max_batch_size=32, max_queue_delay=0.5, preferred_batch_sizes=(4,))
+    _backlog(model, config, [16, 1, 1, 1, 1, 1])
+    assert model.sizes == [1, 16, 4, 1]
+
+
 def test_fixed_window_partial_batch_waits_for_the_delay():
     model = Recorder()
     config = BatchingConfig(max_batch_size=8, max_queue_delay=0.3, adaptive=False)
