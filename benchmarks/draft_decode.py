@@ -82,13 +82,11 @@ def timed(fn: Callable[[], object], reps: int = 40) -> float:
 
 
 def timings(repo: Path) -> dict[str, dict[str, float]]:
-    import onnxruntime as ort
-
     limits = ImageLimits()
     out: dict[str, dict[str, float]] = {}
     for model in ("classifier", "detector"):
-        sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-        spec = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map).input
+        sess = evaluate.session(repo / model / "1" / "model.onnx")
+        spec = evaluate.meta_of(sess).input
         assert spec is not None
         # A warmed-up session, as in the server: its allocations set the heap's trim threshold, without which
         # every fresh float image here would pay page faults a server does not.

@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.classify_vs_echo import free_port, wait_ready  # noqa: E402
+from optic.export import evaluate  # noqa: E402
 from optic.export.data import make_scenes  # noqa: E402
 from optic.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc  # noqa: E402
-from optic.server.metadata import InputSpec, ModelMeta  # noqa: E402
+from optic.server.metadata import InputSpec  # noqa: E402
 from optic.server.tasks.boxes import non_max_suppression  # noqa: E402
 from optic.server.tasks.image import ImageLimits, prepare  # noqa: E402
 from tests.test_detection import ort_nms, ort_nms_session  # noqa: E402
@@ -46,11 +47,7 @@ from tests.test_detection import ort_nms, ort_nms_session  # noqa: E402
 def served_spec(model: str) -> InputSpec:
     """A default model's input spec as the server reads it (sizes change with the models: issue 16's outlived a
     hard-coded 64x64 here)."""
-    import onnxruntime as ort
-
-    path = ROOT / "model_repo" / model / "1" / "model.onnx"
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    spec = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map).input
+    spec = evaluate.meta_of(evaluate.session(ROOT / "model_repo" / model / "1" / "model.onnx")).input
     assert spec is not None
     return spec
 
