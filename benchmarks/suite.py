@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.classify_vs_echo import echo_server, free_port  # noqa: E402
+from benchmarks.classify_vs_echo import echo_server, free_port, wait_ready  # noqa: E402
 from benchmarks.serving_core import start, stop  # noqa: E402
 from optic.client import bench, load  # noqa: E402
 from optic.server.metadata import ModelMeta  # noqa: E402
@@ -122,7 +122,7 @@ def echo_ceiling(config: bench.BenchConfig, reply_size: int) -> dict:
     proc = mp.Process(target=echo_server, args=(port, reply_size, VISION_METHODS), daemon=True)
     proc.start()
     try:
-        time.sleep(1.0)
+        wait_ready(f"127.0.0.1:{port}")  # a fixed 1 s sleep lost the race on a busy machine (UNAVAILABLE)
         # The echo answers the task's RPC only: no ModelMetadata to look the task up from, so name it.
         result = bench.run(replace(config, url=f"127.0.0.1:{port}", task=config.task or TASK_OF[config.model]))
     finally:
