@@ -332,14 +332,14 @@ def serve(args: argparse.Namespace) -> int:
         print("optic serve: --metrics-token needs --auth-token-file", file=sys.stderr)
         return 2
     try:
-        providers_for(args.device)  # --device cuda without CUDA: say so now, not once per model
+        providers = providers_for(args.device)  # --device cuda without CUDA: say so now, not once per model
     except RuntimeError as exc:
         print(f"optic serve: {exc}", file=sys.stderr)
         return 2
     if not args.model_repo.is_dir():
         print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)
         return 2
-    workers = args.workers or default_workers(default_threads())
+    workers = args.workers or default_workers(default_threads(), gpu=providers[0] != "CPUExecutionProvider")
     if workers > 1 and args.worker_index < 0:
         return _supervise(args, config, workers)
     try:

@@ -140,21 +140,27 @@ def quantity_mb(value: str) -> float:
 
 
 def assert_bounds_fit_memory_limit(c: dict) -> None:
-    """The worst case the container's flags allow (docs/operations.md's formula) fits its memory limit."""
+    """The worst case the container's flags allow (docs/operations.md's formula) fits its memory limit, for every
+    worker process the container starts: each applies the bounds on its own and holds its own models."""
     from optic.server.limits import worst_case_memory
+    from optic.server.workers import default_workers
 
     args = serve_args(c["args"])
     mb = 2**20
+    cores = int(c["resources"]["limits"]["cpu"])  # default_threads() under the CPU quota
+    processes = args.workers or default_workers(cores, gpu=args.device != "cpu")
     budget = worst_case_memory(
         max_inflight=args.max_inflight, max_inflight_bytes=int(args.max_inflight_mb * mb),
         max_message_bytes=int(args.max_message_mb * mb), max_streams=args.max_streams,
         stream_window_bytes=int(args.stream_window_mb * mb),
-        workers=int(c["resources"]["limits"]["cpu"]),  # default_threads() under the CPU quota
+        workers=max(1, cores // processes),  # each worker's decode pool: its share of the cores
         max_image_pixels=args.max_image_pixels, max_rle_runs=args.max_rle_runs,
     )  # fmt: skip
     limit = quantity_mb(c["resources"]["limits"]["memory"])
-    assert budget["total"] / mb + IDLE_ALLOWANCE_MB <= limit, (
-        f"flags allow {budget['total'] / mb:.0f} MB above idle; the limit is {limit:.0f} MB"
+    need = processes * (budget["total"] / mb + IDLE_ALLOWANCE_MB)
+    assert need <= limit, (
+        f"{processes} worker(s) x ({budget['total'] / mb:.0f} MB the flags allow above idle + {IDLE_ALLOWANCE_MB} "
+        f"idle) = {need:.0f} MB; the limit is {limit:.0f} MB"
     )
 
 

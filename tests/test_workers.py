@@ -121,3 +121,28 @@ def test_default_workers_follow_the_cores():
     from optic.server.workers import default_workers
 
     assert [default_workers(c) for c in (1, 2, 3, 4, 8, 16)] == [1, 1, 1, 2, 4, 8]
+    assert [default_workers(c, gpu=True) for c in (1, 4, 16)] == [1, 1, 1]
+
+
+def test_the_default_worker_count_follows_cores_and_device(monkeypatch):
+    """What ``--workers 0`` starts: half the cores on CPU, one process on a GPU (the GPU is mocked: none here).
+    Nothing is served: the supervisor and the single-process server are replaced by recorders."""
+    from optic.server import app, cli, runtime
+
+    started: list[tuple[str, int]] = []
+
+    def single(config: object) -> None:
+        started.append(("single", 1))
+        raise app.StartupError("recorded")  # returns before the exit timer a drained server would set
+
+    monkeypatch.setattr(cli, "default_threads", lambda: 8)
+    monkeypatch.setattr(cli, "_supervise", lambda args, config, workers: started.append(("supervisor", workers)) or 0)
+    monkeypatch.setattr(app, "run", single)
+    argv = ["serve", "--model-repo", str(MODEL_REPO), "--grpc-port", "18001", "--metrics-port", "0"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: gpu)
+    assert cli.main([*argv, "--device", "cuda"]) == 2
+    assert cli.main([*argv, "--device", "auto"]) == 2
+    assert cli.main([*argv, "--device", "cuda", "--workers", "3"]) == 0
+    assert started == [("supervisor", 4), ("single", 1), ("single", 1), ("supervisor", 3)]
