@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -45,13 +45,32 @@ class _Undecodable:
 
 
 @dataclass(frozen=True, slots=True)
-class _Sized:
-    """A parsed unary request and the size of the bytes it was parsed from (decompressed, if the client
-    compressed), which the byte budget counts. ``ByteSize()`` encodes the whole message again: it was 1.4 ms of a
-    lone 1.8 MB detector tensor's request (docs/benchmarks.md, serving core)."""
+class Sized:
+    """A parsed request (a unary call's, or a sized stream's item) and the size of the bytes it was parsed from
+    (decompressed, if the client compressed), which the byte budgets count. ``ByteSize()`` encodes the whole
+    message again: it was 1.4 ms of a lone 1.8 MB detector tensor's request (docs/benchmarks.md, serving core)."""
 
     message: Any
     size: int
+
+
+SIZED_STREAM = "_optic_sized_stream"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def sized_stream(method: F) -> F:
+    """Marks a request-streaming servicer method that reads its requests through ``streams.in_order``: admission
+    then hands it each item as a :class:`Sized`, so no item is encoded again to be counted. Unmarked streams
+    (reflection's) get plain messages."""
+    setattr(method, SIZED_STREAM, True)
+    return method
+
+
+def _sizing(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Sized]:
+    def parse(data: bytes) -> Sized:
+        return Sized(deserializer(data), len(data))
+
+    return parse
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None, sized: bool = False) -> Callable[[bytes], Any] | None:
@@ -65,7 +84,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, sized: bool = False) 
             message = deserializer(data)
         except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
             return _Undecodable(f"the request is not a valid {kind} message ({type(exc).__name__})")
-        return _Sized(message, len(data)) if sized else message
+        return Sized(message, len(data)) if sized else message
 
     return parse
 
@@ -121,13 +140,15 @@ class Admission(grpc.aio.ServerInterceptor):
         deserializer = handler.request_deserializer
         if not handler.request_streaming:
             deserializer = _tolerant(deserializer, sized=not streaming)
+        elif deserializer is not None and getattr(behaviour, SIZED_STREAM, False):
+            deserializer = _sizing(deserializer)
         if streaming:
             return rebuild(handler, self._stream(method, behaviour), deserializer)
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self._undecodable(method, request, context):
                 return None
-            if isinstance(request, _Sized):
+            if isinstance(request, Sized):
                 request, size = request.message, request.size
             else:  # no deserializer: the handler takes the bytes themselves
                 size = len(request) if isinstance(request, bytes) else 0

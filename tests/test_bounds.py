@@ -156,6 +156,53 @@ def test_request_bytes_in_flight_are_capped_by_their_size_on_the_wire(tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
+@pytest.mark.parametrize("path", ["unary", "stream"])
+def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
+    """A request's bytes in flight are the bytes it arrived as, unary call or stream item, not its re-encoded
+    size (which costs a second encoding): a client that pads a request with a field it then overrides (8 MB of
+    ``id``, then a short one) is counted at 8 MB more than its parsed form, while it runs."""
+    repo = copy_models(tmp_path / "repo", "segmenter")
+    srv = start_server(tmp_path, "--max-batch-size", "0", repo=repo)
+    parsed = segmenter_batch(4)  # 3 MB of input; ~1 s on the first run on 2 cores
+    parsed.id = "padded"
+    wire = kpb.ModelInferRequest(id="x" * (8 << 20)).SerializeToString() + parsed.SerializeToString()
+    assert kpb.ModelInferRequest.FromString(wire) == parsed and len(wire) > parsed.ByteSize() + (8 << 20)
+    seen: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            text = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
+            seen.extend(float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        with grpc.insecure_channel(srv.url, options=options) as ch:
+            infer = "/inference.GRPCInferenceService/ModelInfer"
+            for _ in range(2):
+                if path == "unary":
+                    reply = kpb.ModelInferResponse.FromString(ch.unary_unary(infer)(wire, timeout=60))
+                else:
+                    stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+                    (item,) = list(stream(iter([wire]), timeout=60))
+                    answer = kpb.ModelStreamInferResponse.FromString(item)
+                    assert not answer.error_message, answer.error_message
+                    reply = answer.infer_response
+                assert reply.id == "padded"
+    finally:
+        done.set()
+        watcher.join()
+        assert srv.stop() == 0, srv.log()
+    assert max(seen) == len(wire), f"largest bytes in flight seen {max(seen):.0f}; the request was {len(wire)}"
+    assert seen[-1] == 0
+
+
+BYTES_GAUGE = 'optic_admission_inflight{kind="bytes"}'
+
+
 # ---------------------------------------------------------------- 2. idle streams lock nobody out
 
 

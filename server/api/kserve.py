@@ -10,7 +10,7 @@ import numpy as np
 from optic.proto.inference import grpc_service_pb2 as pb
 from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from optic.server import __version__, overrides
-from optic.server.admission import Admission
+from optic.server.admission import Admission, sized_stream
 from optic.server.api.common import CallInfo, counted, rpc, time_left
 from optic.server.api.streams import StreamIdle, StreamLimits, in_order
 from optic.server.config import PLATFORM
@@ -176,6 +176,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(to_raw(array))
         return response
 
+    @sized_stream
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:

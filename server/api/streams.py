@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from optic.server.admission import Sized
 from optic.server.errors import DeadlineExceeded, OpticError, ResourceExhausted
 from optic.server.handlers import forget
 
@@ -64,6 +65,11 @@ def _size(message: Any) -> int:
     return int(message.ByteSize()) if hasattr(message, "ByteSize") else 0
 
 
+def _sized(item: Any) -> tuple[Any, int]:
+    """A request and its size: the wire size admission recorded (a ``@sized_stream`` method), else re-encoded."""
+    return (item.message, item.size) if isinstance(item, Sized) else (item, _size(item))
+
+
 async def in_order(
     requests: AsyncIterator[Req],
     start: Callable[[Req], Awaitable[Resp]],
@@ -78,8 +84,7 @@ async def in_order(
     started: set[asyncio.Future[Resp]] = set()
     idle = False
 
-    async def guarded(request: Req) -> Resp:
-        size = _size(request)
+    async def guarded(request: Req, size: int) -> Resp:
         refused = admit(size)
         if refused is not None:
             raise ResourceExhausted(refused + "; retry with backoff")
@@ -113,13 +118,12 @@ async def in_order(
             while True:
                 await slots.acquire()
                 try:
-                    request = await next_request(it)
+                    request, size = _sized(await next_request(it))
                 except StopAsyncIteration:
                     slots.release()
                     break
-                size = _size(request)
                 await budget.take(size)
-                task = asyncio.ensure_future(guarded(request))
+                task = asyncio.ensure_future(guarded(request, size))
                 started.add(task)
 
                 def finished(t: asyncio.Future[Resp], s: int = size) -> None:

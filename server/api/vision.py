@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from optic.proto.optic.v1 import vision_pb2 as pb
-from optic.server.admission import Admission
+from optic.server.admission import Admission, sized_stream
 from optic.server.api.common import CallInfo, counted, rpc
 from optic.server.api.streams import StreamIdle, StreamLimits, in_order
 from optic.server.errors import InvalidArgument, NotFound, OpticError
@@ -161,6 +161,7 @@ class VisionServicer:
             )
         return response
 
+    @sized_stream
     async def _detect_stream(
         self, frames: AsyncIterator[pb.DetectFrame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DetectFrameResult]:
