@@ -14,10 +14,7 @@ import argparse
 import functools
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.decoders import jpeg, photo_like  # noqa: E402
+from benchmarks.decoders import jpeg, photo_like, timed  # noqa: E402
 from optic.export import evaluate  # noqa: E402
 from optic.server.metadata import ModelMeta  # noqa: E402
 from optic.server.tasks.image import ImageLimits, prepare  # noqa: E402
@@ -69,18 +66,6 @@ def accuracy(repo: Path, decode: str) -> dict[str, float]:
         evaluate.meta_of = declared
 
 
-def timed(fn: Callable[[], object], reps: int = 40) -> float:
-    """Median ms over 7 rounds of ``reps`` calls."""
-    fn()
-    rounds = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        rounds.append((time.perf_counter() - start) / reps * 1e3)
-    return statistics.median(rounds)
-
-
 def timings(repo: Path) -> dict[str, dict[str, float]]:
     limits = ImageLimits()
     out: dict[str, dict[str, float]] = {}
@@ -93,7 +78,7 @@ def timings(repo: Path) -> dict[str, dict[str, float]]:
         sess.run(None, {sess.get_inputs()[0].name: np.zeros((8, 3, *spec.size), np.float32)})
         for width, height in SIZES:
             data = jpeg(photo_like(height, width))
-            row = {d: timed(functools.partial(prepare, data, replace(spec, decode=d), limits)) for d in DECODES}
+            row = {d: timed(functools.partial(prepare, data, replace(spec, decode=d), limits), 7, 40) for d in DECODES}
             row["speedup"] = row["exact"] / row["draft"]
             out[f"{width}x{height} -> {model} {spec.size[1]}x{spec.size[0]}"] = row
     return out

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.classify_vs_echo import free_port, wait_ready  # noqa: E402
+from benchmarks.decoders import timed  # noqa: E402
 from optic.export import evaluate  # noqa: E402
 from optic.export.data import make_scenes  # noqa: E402
 from optic.proto.optic.v1 import vision_pb2 as pb  # noqa: E402
@@ -75,16 +76,6 @@ def photo(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def decode_figures() -> dict:
