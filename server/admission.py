@@ -5,8 +5,9 @@ Three budgets, each with its own RESOURCE_EXHAUSTED message:
 
 - unary calls and stream items in flight share ``max_inflight`` (a stream
   item takes its slot when it is read, not when the stream opens, so idle
-  streams hold none), and the unary calls' requests share ``max_inflight_bytes``
-  (a lone call always fits: the message size limit bounds it);
+  streams hold none), and their requests share ``max_inflight_bytes``, each
+  counted at its serialised (decompressed) size as received (a lone call
+  always fits: the message size limit bounds it);
 - open streaming calls (ModelStreamInfer, DetectStream, health Watch,
   reflection) are bounded by ``max_streams``;
 - health Check, reflection and KServe ServerLive/ServerReady never wait for
@@ -38,14 +39,15 @@ EXEMPT = (
 
 
 @dataclass(frozen=True)
-class _Undecodable:
-    """What a request that is not a valid protobuf message parses to (grpcio would answer UNKNOWN)."""
+class Undecodable:
+    """What a request (or a ``@sized_stream`` item) that is not a valid protobuf message parses to, instead of the
+    exception grpcio would answer UNKNOWN to (or, in a stream, drop the rest of the stream on silently)."""
 
     message: str
 
 
 @dataclass(frozen=True, slots=True)
-class Sized:
+class SizedRequest:
     """A parsed request (a unary call's, or a sized stream's item) and the size of the bytes it was parsed from
     (decompressed, if the client compressed), which the byte budgets count. ``ByteSize()`` encodes the whole
     message again: it was 1.4 ms of a lone 1.8 MB detector tensor's request (docs/benchmarks.md, serving core)."""
@@ -60,17 +62,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def sized_stream(method: F) -> F:
     """Marks a request-streaming servicer method that reads its requests through ``streams.in_order``: admission
-    then hands it each item as a :class:`Sized`, so no item is encoded again to be counted. Unmarked streams
+    then hands it each item as a :class:`SizedRequest`, so no item is encoded again to be counted. Unmarked streams
     (reflection's) get plain messages."""
     setattr(method, SIZED_STREAM, True)
     return method
-
-
-def _sizing(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Sized]:
-    def parse(data: bytes) -> Sized:
-        return Sized(deserializer(data), len(data))
-
-    return parse
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None, sized: bool = False) -> Callable[[bytes], Any] | None:
@@ -83,8 +78,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, sized: bool = False) 
         try:
             message = deserializer(data)
         except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
-            return _Undecodable(f"the request is not a valid {kind} message ({type(exc).__name__})")
-        return Sized(message, len(data)) if sized else message
+            return Undecodable(f"the request is not a valid {kind} message ({type(exc).__name__})")
+        return SizedRequest(message, len(data)) if sized else message
 
     return parse
 
@@ -94,7 +89,7 @@ class Admission(grpc.aio.ServerInterceptor):
         self.max_inflight, self.max_streams, self.max_bytes = max_inflight, max_streams, max_inflight_bytes
         self.inflight = 0  # unary calls + stream items
         self.streams = 0
-        self.bytes = 0  # request bytes of the unary calls in flight
+        self.bytes = 0  # request bytes of the unary calls and stream items in flight
         ADMISSION_LIMIT.labels("inflight").set(max_inflight)
         ADMISSION_LIMIT.labels("streams").set(max_streams)
         ADMISSION_LIMIT.labels("bytes").set(max_inflight_bytes)
@@ -140,15 +135,15 @@ class Admission(grpc.aio.ServerInterceptor):
         deserializer = handler.request_deserializer
         if not handler.request_streaming:
             deserializer = _tolerant(deserializer, sized=not streaming)
-        elif deserializer is not None and getattr(behaviour, SIZED_STREAM, False):
-            deserializer = _sizing(deserializer)
+        elif getattr(behaviour, SIZED_STREAM, False):
+            deserializer = _tolerant(deserializer, sized=True)  # an undecodable item ends its stream, named
         if streaming:
             return rebuild(handler, self._stream(method, behaviour), deserializer)
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self._undecodable(method, request, context):
                 return None
-            if isinstance(request, Sized):
+            if isinstance(request, SizedRequest):
                 request, size = request.message, request.size
             else:  # no deserializer: the handler takes the bytes themselves
                 size = len(request) if isinstance(request, bytes) else 0
@@ -208,7 +203,7 @@ class Admission(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _undecodable(method: str, request: Any, context: grpc.aio.ServicerContext) -> bool:
-        if isinstance(request, _Undecodable):
+        if isinstance(request, Undecodable):
             count_refusal(method, "INVALID_ARGUMENT")
             fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return True

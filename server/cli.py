@@ -96,7 +96,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="server processes sharing the port (SO_REUSEPORT), each with its own sessions; "
-        "0: one below 4 cores, else one per 2 cores (docs/operations.md)",
+        "0: one below 4 cores, else one per 2 cores up to 8, and one on a GPU (docs/operations.md)",
     )
     p.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)  # set by the supervisor
     p.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
@@ -339,7 +339,8 @@ def serve(args: argparse.Namespace) -> int:
     if not args.model_repo.is_dir():
         print(f"optic serve: model repository {args.model_repo} is not a directory", file=sys.stderr)
         return 2
-    workers = args.workers or default_workers(default_threads(), gpu=providers[0] != "CPUExecutionProvider")
+    on_gpu = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
+    workers = args.workers or default_workers(default_threads(), gpu=on_gpu)
     if workers > 1 and args.worker_index < 0:
         return _supervise(args, config, workers)
     try:

@@ -39,18 +39,22 @@ _PR_SET_PDEATHSIG = 1
 STARTUP_FAILURE = 2  # a worker that exits with this (bad flags, port taken) is not restarted
 
 
+MAX_DEFAULT_WORKERS = 8  # the most measured; every worker holds its own models (~1.1 GB with the default ones)
+
+
 def default_workers(cores: int, gpu: bool = False) -> int:
-    """One worker per two cores from four cores up; one on a GPU.
+    """One worker per two cores from four cores up, at most 8; one on a GPU.
 
     Measured (benchmarks/workers.py, docs/operations.md#worker-processes): on 8 dedicated cores half as many
-    workers as cores serve 0.82x (classifier) and 0.83x (detector) the throughput of one per core, at half the
-    memory and with two onnxruntime threads per worker, which a lone request uses (the detector alone runs 1.5x
-    faster on two threads than on one). Below four cores a second worker bought 1.15x for twice the memory. On a
-    GPU each worker would hold its own CUDA context and arenas and split the batches: not measured, so opt-in.
+    workers as cores served 0.82x (classifier) and 0.86x (detector) the throughput of one per core in the same
+    round, for half the memory, and leave each worker two onnxruntime threads, which a lone request uses (the
+    detector alone runs 1.5x faster on two threads than on one). Below four cores a second worker bought 1.15x
+    for twice the memory. Nothing above 8 server cores was measured, hence the cap. On a GPU each worker would
+    hold its own CUDA context and arenas and split the batches: not measured, so opt-in.
     """
     if gpu:
         return 1
-    return 1 if cores < 4 else cores // 2
+    return 1 if cores < 4 else min(cores // 2, MAX_DEFAULT_WORKERS)
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -156,24 +157,37 @@ def test_request_bytes_in_flight_are_capped_by_their_size_on_the_wire(tmp_path):
         assert srv.stop() == 0, srv.log()
 
 
-@pytest.mark.parametrize("path", ["unary", "stream"])
+@pytest.mark.parametrize("path", ["ModelInfer", "ModelStreamInfer", "DetectStream"])
 def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
     """A request's bytes in flight are the bytes it arrived as, unary call or stream item, not its re-encoded
     size (which costs a second encoding): a client that pads a request with a field it then overrides (8 MB of
-    ``id``, then a short one) is counted at 8 MB more than its parsed form, while it runs."""
-    repo = copy_models(tmp_path / "repo", "segmenter")
+    ``id`` or ``model``, then the real one) is counted at 8 MB more than its parsed form, while it runs."""
+    repo = copy_models(tmp_path / "repo", "segmenter", "detector")
     srv = start_server(tmp_path, "--max-batch-size", "0", repo=repo)
-    parsed = segmenter_batch(4)  # 3 MB of input; ~1 s on the first run on 2 cores
-    parsed.id = "padded"
-    wire = kpb.ModelInferRequest(id="x" * (8 << 20)).SerializeToString() + parsed.SerializeToString()
-    assert kpb.ModelInferRequest.FromString(wire) == parsed and len(wire) > parsed.ByteSize() + (8 << 20)
+    pad = "x" * (8 << 20)
+    if path == "DetectStream":  # a flat 12 Mpx PNG: 42 kB that take ~0.1 s to decode
+        image = pb.Image(data=encode(np.full((3000, 4000, 3), 40, np.uint8)))
+        parsed: Any = pb.DetectFrame(frame_id=7, request=pb.DetectRequest(model="detector", image=image))
+        padding = pb.DetectFrame(request=pb.DetectRequest(model=pad)).SerializeToString()
+        method, parse = "/optic.v1.Vision/DetectStream", pb.DetectFrame.FromString
+    else:
+        parsed = segmenter_batch(4)  # 3 MB of input; ~0.2 s on 2 cores
+        parsed.id = "7"
+        padding = kpb.ModelInferRequest(id=pad).SerializeToString()
+        method, parse = f"/inference.GRPCInferenceService/{path}", kpb.ModelInferRequest.FromString
+    wire = padding + parsed.SerializeToString()
+    assert parse(wire) == parsed and len(wire) > parsed.ByteSize() + (8 << 20)
+
+    def scrape() -> list[float]:
+        text = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
+        return [float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE)]
+
     seen: list[float] = []
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            text = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
-            seen.extend(float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE))
+            seen.extend(scrape())
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
@@ -181,23 +195,27 @@ def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
     try:
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         with grpc.insecure_channel(srv.url, options=options) as ch:
-            infer = "/inference.GRPCInferenceService/ModelInfer"
-            for _ in range(2):
-                if path == "unary":
-                    reply = kpb.ModelInferResponse.FromString(ch.unary_unary(infer)(wire, timeout=60))
+            for _ in range(3):
+                if path == "ModelInfer":
+                    answer = kpb.ModelInferResponse.FromString(ch.unary_unary(method)(wire, timeout=60))
+                    assert answer.id == "7"
+                    continue
+                (item,) = list(ch.stream_stream(method)(iter([wire]), timeout=60))
+                if path == "ModelStreamInfer":
+                    reply = kpb.ModelStreamInferResponse.FromString(item)
+                    assert not reply.error_message and reply.infer_response.id == "7", reply.error_message
                 else:
-                    stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
-                    (item,) = list(stream(iter([wire]), timeout=60))
-                    answer = kpb.ModelStreamInferResponse.FromString(item)
-                    assert not answer.error_message, answer.error_message
-                    reply = answer.infer_response
-                assert reply.id == "padded"
+                    frame = pb.DetectFrameResult.FromString(item)
+                    assert not frame.error_code and frame.frame_id == 7, frame.error_message
+        done.set()
+        watcher.join()
+        # Admission lets go of a request before its answer is sent: a scrape after the last answer reads 0.
+        assert scrape() == [0.0]
     finally:
         done.set()
         watcher.join()
         assert srv.stop() == 0, srv.log()
     assert max(seen) == len(wire), f"largest bytes in flight seen {max(seen):.0f}; the request was {len(wire)}"
-    assert seen[-1] == 0
 
 
 BYTES_GAUGE = 'optic_admission_inflight{kind="bytes"}'

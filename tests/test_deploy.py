@@ -9,6 +9,7 @@ failure instead of a skip.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -139,6 +140,26 @@ def quantity_mb(value: str) -> float:
     return float(value[:-2]) * units[value[-2:]]
 
 
+def cpu_cores(quantity: str) -> int:
+    """A CPU limit as the cores ``default_threads()`` sees under its quota: "2" -> 2, "1500m" -> 2."""
+    return max(1, math.ceil(int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)))
+
+
+def test_the_memory_check_counts_every_worker_a_container_starts():
+    """The manifests all run one worker; the check must still multiply when a container would start more."""
+    container = {"args": ["--device=cpu", "--max-inflight=32", "--max-inflight-mb=64", "--max-message-mb=8",
+                          "--max-streams=16", "--stream-window-mb=4", "--max-image-pixels=16000000",
+                          "--max-rle-runs=1000000"],
+                 "resources": {"limits": {"cpu": "8", "memory": "8Gi"}}}  # fmt: skip
+    with pytest.raises(AssertionError, match=r"^4 worker\(s\) x"):  # 8 cores: the default starts 4
+        assert_bounds_fit_memory_limit(container)
+    assert_bounds_fit_memory_limit(container | {"args": [*container["args"], "--workers=1"]})
+    auto = {"args": ["--device=auto", *container["args"][1:]], "resources": container["resources"]}
+    with pytest.raises(AssertionError, match=r"^4 worker"):  # auto may fall back to CPU: counted as CPU
+        assert_bounds_fit_memory_limit(auto)
+    assert [cpu_cores(q) for q in ("2", "500m", "1500m", "4")] == [2, 1, 2, 4]
+
+
 def assert_bounds_fit_memory_limit(c: dict) -> None:
     """The worst case the container's flags allow (docs/operations.md's formula) fits its memory limit, for every
     worker process the container starts: each applies the bounds on its own and holds its own models."""
@@ -147,8 +168,9 @@ def assert_bounds_fit_memory_limit(c: dict) -> None:
 
     args = serve_args(c["args"])
     mb = 2**20
-    cores = int(c["resources"]["limits"]["cpu"])  # default_threads() under the CPU quota
-    processes = args.workers or default_workers(cores, gpu=args.device != "cpu")
+    cores = cpu_cores(c["resources"]["limits"]["cpu"])  # default_threads() under the CPU quota
+    # --device auto counts as CPU: it falls back there without CUDA, where the default starts the most workers.
+    processes = args.workers or default_workers(cores, gpu=args.device == "cuda")
     budget = worst_case_memory(
         max_inflight=args.max_inflight, max_inflight_bytes=int(args.max_inflight_mb * mb),
         max_message_bytes=int(args.max_message_mb * mb), max_streams=args.max_streams,

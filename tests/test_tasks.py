@@ -21,9 +21,10 @@ from PIL import Image
 from optic.client.vision import VisionClient
 from optic.export import captioner, detector, segmenter
 from optic.export.data import SHAPES, make_scenes
+from optic.proto.inference import grpc_service_pb2 as kpb
 from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
-from tests.conftest import MODEL_REPO, ROOT, box_iou, encode, start_server
+from tests.conftest import MODEL_REPO, ROOT, SIDE, box_iou, encode, start_server
 
 DET_SCENES = make_scenes(12, seed=detector.TEST_SEED + 1, **detector.SCENE_ARGS)
 SEG_SCENES = make_scenes(8, seed=segmenter.TEST_SEED + 1, size=64)
@@ -127,6 +128,35 @@ def test_detect_stream_in_order_with_bad_frames_in_band(server):
     good = [a for i, a in enumerate(answers) if i != 5]
     assert all(not a.error_code and len(a.response.results) == 1 for a in good)
     assert matched(answers[0].response.results[0], DET_SCENES[0]) >= 0.5
+
+
+@pytest.mark.parametrize("method", ["DetectStream", "ModelStreamInfer"])
+def test_an_undecodable_stream_item_ends_its_stream_by_name(server, method):
+    """A stream item that is not a valid message: the item before it is answered, then INVALID_ARGUMENT names
+    it. (The stream used to end there with OK, the items after it dropped without a word.)"""
+    if method == "DetectStream":
+        image = pb.Image(data=encode(DET_SCENES[0].image))
+        good = pb.DetectFrame(frame_id=7, request=pb.DetectRequest(model="detector", image=image))
+        path, parse = "/optic.v1.Vision/DetectStream", pb.DetectFrameResult.FromString
+    else:
+        good = kpb.ModelInferRequest(model_name="classifier", id="7")
+        good.inputs.add(name="images", datatype="FP32", shape=[1, 3, SIDE, SIDE])
+        good.raw_input_contents.append(np.zeros((1, 3, SIDE, SIDE), np.float32).tobytes())
+        path, parse = "/inference.GRPCInferenceService/ModelStreamInfer", kpb.ModelStreamInferResponse.FromString
+    corrupt = b"\x0a\xff\xff\xff"  # field 1, length-delimited, then a length that never ends
+    answers = []
+    with grpc.insecure_channel(server.url) as ch:
+        items = [good.SerializeToString(), corrupt, good.SerializeToString()]
+        replies = ch.stream_stream(path)(iter(items), timeout=60)
+        with pytest.raises(grpc.RpcError) as failed:
+            answers.extend(parse(r) for r in replies)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value
+    assert "stream item 1" in failed.value.details() and "not a valid" in failed.value.details()
+    assert len(answers) == 1
+    if method == "DetectStream":
+        assert answers[0].frame_id == 7 and not answers[0].error_code and len(answers[0].response.results) == 1
+    else:
+        assert not answers[0].error_message and answers[0].infer_response.id == "7"
 
 
 def yolov5_from_ours(path):

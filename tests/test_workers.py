@@ -120,7 +120,7 @@ def test_workers_refuse_a_taken_port_and_port_0(tmp_path):
 def test_default_workers_follow_the_cores():
     from optic.server.workers import default_workers
 
-    assert [default_workers(c) for c in (1, 2, 3, 4, 8, 16)] == [1, 1, 1, 2, 4, 8]
+    assert [default_workers(c) for c in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
     assert [default_workers(c, gpu=True) for c in (1, 4, 16)] == [1, 1, 1]
 
 

@@ -10,9 +10,9 @@ import numpy as np
 from optic.proto.inference import grpc_service_pb2 as pb
 from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from optic.server import __version__, overrides
-from optic.server.admission import Admission, sized_stream
+from optic.server.admission import Admission, SizedRequest, Undecodable, sized_stream
 from optic.server.api.common import CallInfo, counted, rpc, time_left
-from optic.server.api.streams import StreamIdle, StreamLimits, in_order
+from optic.server.api.streams import StreamLimits, in_order
 from optic.server.config import PLATFORM
 from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError
 from optic.server.handlers import fail
@@ -178,7 +178,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @sized_stream
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[SizedRequest | Undecodable], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they batch); responses come back in request order, errors in-band."""
         call = CallInfo.of(context)  # the stream's deadline, read while it is live
@@ -196,8 +196,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                 else:
                     yield pb.ModelStreamInferResponse(infer_response=answer)
-        except StreamIdle as exc:
-            fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, exc.message)
+        except OpticError as exc:  # the stream idled, or an item could not be parsed
+            fail(context, grpc.StatusCode[exc.code], exc.message)
 
     @rpc("ModelConfig", lambda r: r.name)
     async def ModelConfig(

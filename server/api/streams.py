@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from optic.server.admission import Sized
-from optic.server.errors import DeadlineExceeded, OpticError, ResourceExhausted
+from optic.server.admission import SizedRequest, Undecodable
+from optic.server.errors import DeadlineExceeded, InvalidArgument, OpticError, ResourceExhausted
 from optic.server.handlers import forget
 
 Req = TypeVar("Req")
@@ -65,24 +66,28 @@ def _size(message: Any) -> int:
     return int(message.ByteSize()) if hasattr(message, "ByteSize") else 0
 
 
-def _sized(item: Any) -> tuple[Any, int]:
-    """A request and its size: the wire size admission recorded (a ``@sized_stream`` method), else re-encoded."""
-    return (item.message, item.size) if isinstance(item, Sized) else (item, _size(item))
+def _sized(item: Any, index: int) -> tuple[Any, int]:
+    """A request and its size: the size admission read it at (a ``@sized_stream`` method), else re-encoded."""
+    if isinstance(item, Undecodable):
+        raise InvalidArgument(f"stream item {index}: {item.message}; the items before it were answered")
+    return (item.message, item.size) if isinstance(item, SizedRequest) else (item, _size(item))
 
 
 async def in_order(
-    requests: AsyncIterator[Req],
+    requests: AsyncIterator[Req] | AsyncIterator[SizedRequest | Undecodable],
     start: Callable[[Req], Awaitable[Resp]],
     limits: StreamLimits,
     admit: Callable[[int], str | None],
     release: Callable[[int], None],
 ) -> AsyncIterator[tuple[Req, Resp | OpticError]]:
-    """Yield (request, answer or error) in arrival order; raises :class:`StreamIdle` when the stream idles."""
+    """Yield (request, answer or error) in arrival order; raises :class:`StreamIdle` when the stream idles, and
+    :class:`InvalidArgument` after the last good item's answer when an item could not be parsed."""
     pending: asyncio.Queue[tuple[Req, asyncio.Future[Resp], int] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(limits.window)
     budget = _Budget(limits.window_bytes)
     started: set[asyncio.Future[Resp]] = set()
     idle = False
+    broken: OpticError | None = None
 
     async def guarded(request: Req, size: int) -> Resp:
         refused = admit(size)
@@ -93,7 +98,7 @@ async def in_order(
         finally:
             release(size)
 
-    async def next_request(it: AsyncIterator[Req]) -> Req:
+    async def next_request(it: AsyncIterator[Any]) -> Any:
         nonlocal idle
         waiting = asyncio.ensure_future(it.__anext__())
         try:
@@ -113,14 +118,19 @@ async def in_order(
                 waiting.exception()  # the stream's end (StopAsyncIteration) or error, observed: never "not retrieved"
 
     async def read() -> None:
+        nonlocal broken
         it = requests.__aiter__()
         try:
-            while True:
+            for index in itertools.count():
                 await slots.acquire()
                 try:
-                    request, size = _sized(await next_request(it))
+                    request, size = _sized(await next_request(it), index)
                 except StopAsyncIteration:
                     slots.release()
+                    break
+                except OpticError as exc:  # an undecodable item: answer what came before, then end the stream
+                    slots.release()
+                    broken = exc
                     break
                 await budget.take(size)
                 task = asyncio.ensure_future(guarded(request, size))
@@ -151,6 +161,8 @@ async def in_order(
                 held = size + (_size(answer) if not isinstance(answer, OpticError) else 0)
                 await budget.give(held)
                 slots.release()
+        if broken is not None:
+            raise broken
         if idle:
             raise StreamIdle(f"stream idle for {limits.idle_seconds:g} s with nothing in flight; reopen it for more")
     finally:

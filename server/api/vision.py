@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 
 from optic.proto.optic.v1 import vision_pb2 as pb
-from optic.server.admission import Admission, sized_stream
+from optic.server.admission import Admission, SizedRequest, Undecodable, sized_stream
 from optic.server.api.common import CallInfo, counted, rpc
-from optic.server.api.streams import StreamIdle, StreamLimits, in_order
+from optic.server.api.streams import StreamLimits, in_order
 from optic.server.errors import InvalidArgument, NotFound, OpticError
 from optic.server.handlers import fail
 from optic.server.metrics import STAGE_TIME
@@ -163,7 +163,7 @@ class VisionServicer:
 
     @sized_stream
     async def _detect_stream(
-        self, frames: AsyncIterator[pb.DetectFrame], context: grpc.aio.ServicerContext
+        self, frames: AsyncIterator[SizedRequest | Undecodable], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DetectFrameResult]:
         """Frames are processed concurrently (a bounded window) and answered in arrival order, errors in-band."""
         call = CallInfo.of(context)  # read while the stream is live: frames may be handled after it ended
@@ -181,5 +181,5 @@ class VisionServicer:
                     )
                 else:
                     yield pb.DetectFrameResult(frame_id=frame.frame_id, response=answer)
-        except StreamIdle as exc:
-            fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, exc.message)
+        except OpticError as exc:  # the stream idled, or an item could not be parsed
+            fail(context, grpc.StatusCode[exc.code], exc.message)
