@@ -8,9 +8,10 @@ loaded, waits until every worker has loaded and warmed up (the process tree goes
 process is one TCP connection, and ``SO_REUSEPORT`` spreads connections, not calls, over the workers: a single
 client channel would keep N-1 workers idle, so the load uses many (32 connections leave a worker of 8 without
 one about once in ten runs). Rounds rotate the order of N. Prints a table and writes JSON: img/s, p50/p99,
-the server's busy cores over the middle of the measured window, and each N's throughput over N=1's.
+the server's busy cores over the middle of the measured window, each N's throughput over N=1's in the same
+round, and the server's RSS (all its processes) once warmed up.
 
-    .venv/bin/python benchmarks/workers.py --cores 2,4,8 --load-cores 8-15    # a 16-core machine
+    .venv/bin/python benchmarks/workers.py --cores 2,4,8 --load-cores 8-15 --out benchmarks/results/workers.json
     .venv/bin/python benchmarks/workers.py --cores 1 --load-cores 1 --seconds 3 --rounds 1   # a smoke run here
 
 Needs at least max(C) + 1 cores. On a 2-core machine only C=1 fits, which says nothing about the rule.
@@ -134,10 +135,12 @@ def run(args: argparse.Namespace) -> dict:
             order = counts[rnd % len(counts) :] + counts[: rnd % len(counts)]
             for n in order:
                 server = start(args.model_repo, models, all_cores[:cores], n, log_dir)
+                rss_mb = server.rss_mb()
                 try:
                     for model in models:
                         fig = measure(server, args, model, payloads[model])
-                        runs.append({"round": rnd, "cores": cores, "workers": n, "model": model, **fig})
+                        key = {"round": rnd, "cores": cores, "workers": n, "model": model, "rss_mb": rss_mb}
+                        runs.append(key | fig)
                         print(line(runs[-1]), flush=True)
                 finally:
                     server.stop(timeout=30)
@@ -160,7 +163,10 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for model, cores, n in keys:
         mine = [r for r in runs if (r["model"], r["cores"], r["workers"]) == (model, cores, n)]
-        one = [r["img_s"] for r in runs if (r["model"], r["cores"], r["workers"]) == (model, cores, 1)]
+        one = {r["round"]: r["img_s"] for r in runs if (r["model"], r["cores"], r["workers"]) == (model, cores, 1)}
+        # Paired by round: a round's one-worker run is the baseline its other runs are divided by (the machine
+        # drifts between rounds more than between neighbouring runs).
+        paired = [r["img_s"] / one[r["round"]] for r in mine if r["round"] in one]
         img_s = statistics.median(r["img_s"] for r in mine)
         rows.append({
             "model": model, "cores": cores, "workers": n, "img_s": img_s,
@@ -168,7 +174,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             "p50_ms": statistics.median(r["p50_ms"] for r in mine),
             "p99_ms": statistics.median(r["p99_ms"] for r in mine),
             "busy_cores": statistics.median(r["busy_cores"] for r in mine),
-            "over_one_worker": img_s / statistics.median(one) if one else None,
+            "rss_mb": statistics.median(r["rss_mb"] for r in mine) if all("rss_mb" in r for r in mine) else None,
+            "over_one_worker": statistics.median(paired) if paired else None,
             "default_workers": default_workers(cores) == n,
         })  # fmt: skip
     return rows
@@ -176,15 +183,16 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | cores | workers | img/s (each round) | ÷ 1 worker | p50 ms | p99 ms | busy cores |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | cores | workers | img/s (each round) | ÷ 1 worker (same round) | p50 ms | p99 ms | busy | RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rounds = " / ".join(f"{v:.0f}" for v in r["img_s_each_round"])
         mark = " (default)" if r["default_workers"] else ""
         lines.append(
             f"| {r['model']} | {r['cores']} | {r['workers']}{mark} | {r['img_s']:.1f} ({rounds}) | "
-            f"{r['over_one_worker']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['busy_cores']:.2f} |"
+            f"{r['over_one_worker']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['busy_cores']:.2f} | "
+            f"{'' if r['rss_mb'] is None else round(r['rss_mb'])} |"
         )
     return "\n".join(lines)
 
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "workers.json")
+    p.add_argument("--out", type=Path, help="JSON results (benchmarks/results/workers.json is the published run)")
     args = p.parse_args(argv)
     started = time.time()
     result = run(args)
@@ -214,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         **result,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
