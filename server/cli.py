@@ -111,7 +111,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-inflight-mb",
         type=float,
         default=1024.0,
-        help="request megabytes of the unary calls in flight; more get RESOURCE_EXHAUSTED",
+        help="request megabytes of the unary calls and stream items in flight; more get RESOURCE_EXHAUSTED",
     )
     b.add_argument("--max-streams", type=int, default=128, help="open streaming calls (Watch and reflection included)")
     b.add_argument("--stream-window", type=int, default=StreamLimits.window, help="items of one stream in flight")

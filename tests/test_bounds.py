@@ -86,7 +86,10 @@ def test_a_stream_that_is_never_read_holds_a_bounded_number_of_bytes(tmp_path):
 
         async def flood() -> int:
             sent = 0
-            async with grpc.aio.insecure_channel(srv.url) as channel:
+            # The attacker's own receive window stays small (no BDP probing): a client whose window grew would take
+            # the answers into its own memory and let the server read on (seen once in CI: all 60 accepted; with a
+            # 256 MB window, every time), which says nothing about what the server holds.
+            async with grpc.aio.insecure_channel(srv.url, options=[("grpc.http2.bdp_probe", 0)]) as channel:
                 call = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
                 for _ in range(60):
                     try:
