@@ -185,9 +185,11 @@ class Env:
         path.write_text(TOKEN + "\n")
         return path
 
-    def start(self, repo: Path, *flags: str, nofile: int | None = None, wait: float = 90.0) -> Server:
+    def start(
+        self, repo: Path, *flags: str, nofile: int | None = None, wait: float = 90.0, cores: list[int] | None = None
+    ) -> Server:
         grpc_port, metrics_port = free_port(), free_port()
-        log_path = repo.parent / f"server-{grpc_port}.log"
+        log_path = self.work / f"server-{grpc_port}.log"
         cmd = [
             self.python, "-m", "optic.server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1",
             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
@@ -197,6 +199,8 @@ class Env:
         def limits() -> None:
             if nofile:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if cores:
+                os.sched_setaffinity(0, cores)
 
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

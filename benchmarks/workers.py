@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,8 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bounds import Server, free_port  # noqa: E402
-from benchmarks.classify_vs_echo import wait_ready  # noqa: E402
+from benchmarks.bounds import Env, Server  # noqa: E402
+from benchmarks.suite import TASK_OF  # noqa: E402
 from optic.client import bench, load  # noqa: E402
 from optic.server.workers import default_workers  # noqa: E402
 
@@ -63,23 +62,14 @@ def worker_counts(cores: int) -> list[int]:
 
 def start(repo: Path, models: list[str], cores: list[int], workers: int, log_dir: Path) -> Server:
     """``optic serve --workers N`` pinned to ``cores``, once every worker has warmed up."""
-    port = free_port()
-    log_path = log_dir / f"serve-{len(cores)}c-{workers}w-{port}.log"
-    cmd = [sys.executable, "-m", "optic.server.cli", "serve", "--model-repo", str(repo), "--host", "127.0.0.1",
-           "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "WARNING", "--workers", str(workers),
-           "--model-control-mode", "explicit"]  # fmt: skip
+    flags = ["--log-level", "WARNING", "--workers", str(workers), "--model-control-mode", "explicit"]
     for model in models:
-        cmd += ["--load-model", model]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, cores)
-        )
-    server = Server(proc, port, 0, log_path)
-    wait_ready(server.url)
+        flags += ["--load-model", model]
+    server = Env(sys.executable, repo, log_dir).start(repo, *flags, cores=cores)
     # One worker answering says nothing of the others: they are ready when the whole tree stops loading.
     server.settle(seconds=1.5)
-    if proc.poll() is not None:
-        raise RuntimeError(f"optic serve exited with {proc.returncode}:\n{server.log()[-2000:]}")
+    if server.proc.poll() is not None:
+        raise RuntimeError(f"optic serve exited with {server.proc.returncode}:\n{server.log()[-2000:]}")
     return server
 
 
@@ -126,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     os.sched_setaffinity(0, load_cores)  # this process and the load processes it spawns
     models = args.models.split(",")
     payloads = {
-        m: load.payloads(bench.BenchConfig(url="", api="vision", model=m, task=m_task(m))) for m in models
+        m: load.payloads(bench.BenchConfig(url="", api="vision", model=m, task=TASK_OF[m])) for m in models
     }  # built once: the JPEGs are the same for every run
     runs: list[dict[str, Any]] = []
     log_dir = Path(tempfile.mkdtemp(prefix="optic-workers-"))
@@ -152,10 +142,6 @@ def line(r: dict) -> str:
         f"round {r['round']}  {r['cores']:2d} cores  {r['workers']:2d} workers  {r['model']:10s} {r['img_s']:8.1f} "
         f"img/s  p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  busy {r['busy_cores']:5.2f} cores"
     )
-
-
-def m_task(model: str) -> str:
-    return {"classifier": "classify", "detector": "detect", "segmenter": "segment"}.get(model, "")
 
 
 def summarise(runs: list[dict]) -> list[dict]:
