@@ -88,8 +88,7 @@ def test_a_stream_that_is_never_read_holds_a_bounded_number_of_bytes(tmp_path):
 
         def sample() -> None:
             peak.append(rss_mb(srv.proc.pid))
-            text = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
-            taken.extend(float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE))
+            taken.extend(bytes_in_flight(srv.metrics_url))
 
         async def flood() -> int:
             sent = 0
@@ -189,16 +188,12 @@ def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
     wire = padding + parsed.SerializeToString()
     assert parse(wire) == parsed and len(wire) > parsed.ByteSize() + (8 << 20)
 
-    def scrape() -> list[float]:
-        text = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
-        return [float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE)]
-
     seen: list[float] = []
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            seen.extend(scrape())
+            seen.extend(bytes_in_flight(srv.metrics_url))
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
@@ -221,7 +216,7 @@ def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
         done.set()
         watcher.join()
         # Admission lets go of a request before its answer is sent: a scrape after the last answer reads 0.
-        assert scrape() == [0.0]
+        assert bytes_in_flight(srv.metrics_url) == [0.0]
     finally:
         done.set()
         watcher.join()
@@ -230,6 +225,12 @@ def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
 
 
 BYTES_GAUGE = 'optic_admission_inflight{kind="bytes"}'
+
+
+def bytes_in_flight(metrics_url: str) -> list[float]:
+    """The admission gauge of request bytes in flight, as /metrics says now."""
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return [float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE)]
 
 
 # ---------------------------------------------------------------- 2. idle streams lock nobody out
