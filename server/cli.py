@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from optic.server import defaults
 from optic.server.api.streams import StreamLimits
 from optic.server.limits import ConnectionLimits
 from optic.server.logs import EscapingFormatter, RateLimit
-from optic.server.runtime import DEVICES, RuntimeOptions, default_threads, providers_for
+from optic.server.runtime import DEVICES, RuntimeOptions, default_instances, default_threads, providers_for
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import (
     OPEN_GROUPS,
@@ -53,8 +54,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=BatchingConfig.max_queue_size,
         help="queued requests per model before refusing",
     )
-    p.add_argument("--instances", type=int, default=1, help="batches run concurrently per model")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per run (0: cores / instances)")
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="batches run concurrently per model (0: 2 on 2+ CPU cores, 1 on a GPU or one core); with automatic "
+        "threads a batch alone runs on all the cores, the others on cores / instances each",
+    )
+    p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per run (0: automatic)")
     p.add_argument(
         "--cuda-option",
         action="append",
@@ -218,7 +225,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_batch_size": (0, 4096),
     "max_queue_delay_ms": (0, 10_000),
     "max_queue_size": (1, 1_000_000),
-    "instances": (1, 64),
+    "instances": (0, 64),
     "intra_op_threads": (0, 1024),
     "inter_op_threads": (0, 1024),
     "repository_poll_secs": (0.05, 86_400),
@@ -287,7 +294,8 @@ def serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         runtime=RuntimeOptions(
             device=args.device,
-            intra_op_threads=args.intra_op_threads or share,
+            intra_op_threads=args.intra_op_threads,
+            cores=share,
             inter_op_threads=args.inter_op_threads,
             cuda_options=cuda_options,
             io_binding=io_binding,
@@ -341,6 +349,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     on_gpu = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
     workers = args.workers or default_workers(default_threads(), gpu=on_gpu)
+    if not args.instances:
+        instances = default_instances(share or default_threads(), gpu=on_gpu)
+        config.batching = replace(config.batching, instances=instances)
     if workers > 1 and args.worker_index < 0:
         return _supervise(args, config, workers)
     try:

@@ -59,6 +59,12 @@ INFERENCES = Counter(
     "Inference requests that reached a model version, by outcome (success/fail).",
     ["model", "version", "outcome"],
 )
+LANE_RUNS = Counter(
+    "optic_lane_runs",
+    "Batches run on a model's wide session (started alone, all its threads) or its narrow lane (started beside "
+    "another batch); see --instances.",
+    ["model", "version", "lane"],
+)
 # Gauges say how ``--workers N`` processes combine (prometheus-client multiprocess mode; ignored with one process):
 # counts add up over the live workers; a model is ready only when every live worker serves it.
 QUEUE_SIZE = Gauge(
@@ -120,6 +126,7 @@ class ModelStats:
         self._queue = QUEUE_TIME.labels(model, version)
         self._compute = COMPUTE_TIME.labels(model, version)
         self._batch = BATCH_SIZE.labels(model, version)
+        self._lanes = {lane: LANE_RUNS.labels(model, version, lane) for lane in ("wide", "narrow")}
         self._ok = INFERENCES.labels(model, version, "success")
         self._failed = INFERENCES.labels(model, version, "fail")
 
@@ -136,6 +143,10 @@ class ModelStats:
             stats.compute_output.add(compute_output)
         self._batch.observe(size)
         self._compute.observe(compute_infer)
+
+    def observe_lane(self, lane: str) -> None:
+        """Called from the thread that runs the batch (a Prometheus counter is thread-safe)."""
+        self._lanes[lane].inc()
 
     def observe_request(self, ok: bool, samples: int, seconds: float) -> None:
         if ok:

@@ -36,7 +36,7 @@ from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
 from optic.server.outputs import OutputMismatch, check_outputs
 from optic.server.overrides import LoadOverride
 from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
-from optic.server.scheduler import BatchingConfig, DynamicBatcher, Tensors
+from optic.server.scheduler import BatchingConfig, DynamicBatcher, SlotExecutor, Tensors
 from optic.server.tensors import DATATYPES
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class ServedModel:
     config: mc.ModelConfig  # the effective configuration
     batching: BatchingConfig
     batcher: DynamicBatcher
-    executor: ThreadPoolExecutor = field(repr=False)
+    executor: SlotExecutor = field(repr=False)
     stats: ModelStats = field(repr=False)
     queue_timeout: float | None = None  # the queue policy's default timeout, seconds
     reject_on_timeout: bool = True
@@ -257,24 +257,26 @@ class ModelRepository:
         effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, self.defaults)
         batching, timeout, reject = cfgmod.batching_of(effective)
         batching = replace(batching, adaptive=self.defaults.batching.adaptive)  # a server policy, not in config.pbtxt
-        if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
-            # Concurrent runs share the cores instead of each claiming all of them: only the config says
-            # how many runs there are, so this (rarer) case opens the session again with fewer threads.
-            threads = max(1, default_threads() // batching.instances)
-            runtime = ticket.track(OnnxModel(path, replace(self.runtime_options, intra_op_threads=threads)))
         meta = ModelMeta.from_props(runtime.metadata_props)
         spec = meta.input
         image_hw = (spec.size, spec.layout == "NHWC") if spec is not None else (None, False)
         # Warm-up runs at the model's real input size, and its outputs must fit what the metadata says.
         shapes = self._warm_up(runtime, effective, model_dir, image_hw)
+        if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
+            # A batch alone runs on all the cores; batches that run beside it share them (runtime.open_narrow_lane).
+            cores = self.runtime_options.cores or default_threads()
+            lane = runtime.open_narrow_lane(max(1, cores // batching.instances))
+            if lane is not None:
+                self._warm_up(ticket.track(lane), effective, model_dir, image_hw)
         try:
             layout = check_outputs(meta, shapes, f"model {name!r}")
         except OutputMismatch as exc:
             raise cfgmod.ConfigError(str(exc)) from None
         if layout != meta.output_layout:
             meta = replace(meta, output_layout=layout)
-        executor = ThreadPoolExecutor(max_workers=batching.instances, thread_name_prefix=f"ort-{name}")
+        executor = SlotExecutor(batching.instances, f"ort-{name}")
         stats = ModelStats(name, version)
+        runtime.on_lane = stats.observe_lane
         batcher = DynamicBatcher(f"{name}:{version}", runtime.run, batching, executor, stats)
         return ServedModel(name, version, runtime, meta, effective, batching, batcher, executor, stats, timeout, reject)
 

@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from optic.server.errors import DeadlineExceeded, Internal, InvalidArgument, OpticError, ResourceExhausted, Unavailable
 
+T = TypeVar("T")
 Tensors = dict[str, np.ndarray]
 RunFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -55,6 +57,37 @@ class BatchingConfig:
     # larger than the largest preferred size still runs whole. Empty: batches fill to max_batch_size.
     preferred_batch_sizes: tuple[int, ...] = ()
     adaptive: bool = True  # gather only while waiting pays (module docstring); False: always the whole window
+
+
+class SlotExecutor(Executor):
+    """One thread per batch slot, and a batch goes to the lowest free one.
+
+    A model that runs one batch at a time then runs it on the same thread every time, as with one slot: with a
+    shared pool, runs alternated between its threads once load had started them both, and a lone request on a
+    quiet 2-core machine took ~20 % longer (the classifier 8.1 -> 9.6 ms p50) on threads whose core's caches had
+    gone cold.
+    """
+
+    def __init__(self, slots: int, name: str) -> None:
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(max(1, slots))]
+        self._busy = [0] * len(self._pools)
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            index = next((i for i, n in enumerate(self._busy) if n == 0), 0)
+            self._busy[index] += 1
+        future = self._pools[index].submit(fn, *args, **kwargs)
+        future.add_done_callback(lambda _: self._release(index))
+        return future
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            self._busy[index] -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait, cancel_futures=cancel_futures)
 
 
 @dataclass

@@ -213,7 +213,7 @@ def test_cancelled_and_expired_requests_never_reach_the_model(tmp_path: Path) ->
     write_model(
         repo, "slow", slow_model(60), "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
     )
-    srv = start_server(tmp_path, repo=repo)
+    srv = start_server(tmp_path, "--instances", "1", repo=repo)  # one batch at a time: a second would run beside it
     try:
         x = np.ones((1, 1), np.float32)
         four = np.ones((4, 1), np.float32)  # ~1.3 s of compute here: the others queue behind it

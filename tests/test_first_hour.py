@@ -101,7 +101,7 @@ def test_serve_help_shows_defaults_and_every_flag_has_help():
     ("args", "phrase"),
     [
         (["--grpc-port", "-1"], "--grpc-port -1 is out of range: choose 0 to 65535"),
-        (["--instances", "0"], "--instances 0 is out of range: choose 1 to 64"),
+        (["--instances", "65"], "--instances 65 is out of range: choose 0 to 64"),
         (["--max-inflight", "0"], "--max-inflight 0 is out of range: choose 1 to"),
         (["--log-level", "LOUD"], "--log-level 'LOUD' is not a level: choose one of DEBUG, INFO"),
         (["--max-queue-delay-ms", "nan"], "--max-queue-delay-ms nan is out of range"),

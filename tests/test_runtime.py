@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -96,3 +97,96 @@ def test_thread_pools_follow_the_cgroup_cpu_quota(tmp_path):
     assert cgroup_cpu_quota(tmp_path) == 1.5
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(tmp_path) is None
+
+
+def test_default_instances_two_lanes_on_cpu_cores_one_on_a_gpu_or_one_core():
+    assert runtime.default_instances(2) == 2 and runtime.default_instances(16) == 2
+    assert runtime.default_instances(1) == 1
+    assert runtime.default_instances(8, gpu=True) == 1
+
+
+def test_a_run_beside_another_takes_the_narrow_lane_and_answers_the_same():
+    """Alone: the wide session (all its threads). With company: the narrow one. Same answers either way."""
+    x = np.random.default_rng(2).normal(0, 1, (4, 3, SIDE, SIDE)).astype(np.float32)
+    model = OnnxModel(CLASSIFIER, RuntimeOptions(cores=2))
+    assert model.threads == 2 and model.open_narrow_lane(2) is None  # not narrower: no lane
+    lane = model.open_narrow_lane(1)
+    assert lane is not None and lane.threads == 1 and model.narrow is lane
+    expected = model.run({"images": x})["logits"]
+    assert model.lane_runs == {"wide": 1, "narrow": 0}
+
+    barrier = threading.Barrier(2)
+    answers: list[np.ndarray] = []
+
+    def hold() -> dict[str, np.ndarray]:  # stands for a long batch: blocks inside the wide run's slot
+        barrier.wait(timeout=10)
+        barrier.wait(timeout=10)
+        return {"logits": expected}
+
+    # One run in flight (held inside the session), then another: it must take the lane.
+    original = model._run
+    model._run = lambda feeds, outputs: hold() if feeds is held else original(feeds, outputs)  # type: ignore[method-assign]
+    held = {"images": x}
+    first = threading.Thread(target=lambda: answers.append(model.run(held)["logits"]))
+    first.start()
+    barrier.wait(timeout=10)  # the first run is in flight now
+    second = model.run({"images": x})["logits"]
+    barrier.wait(timeout=10)
+    first.join(timeout=10)
+    assert model.lane_runs == {"wide": 2, "narrow": 1}
+    np.testing.assert_allclose(second, expected, atol=1e-5)
+    assert len(answers) == 1
+
+    model.terminate()  # an unload or a drain past its grace stops the lane's runs too
+    assert lane.terminated
+    with pytest.raises(Exception, match="being unloaded"):
+        model.run({"images": x})
+
+
+def test_no_narrow_lane_on_cuda(monkeypatch):
+    model = OnnxModel(CLASSIFIER, RuntimeOptions(cores=2))
+    monkeypatch.setattr(model, "providers", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert model.open_narrow_lane(1) is None and model.narrow is None
+
+
+@pytest.mark.skipif(runtime.default_threads() < 2, reason="a narrow lane needs 2 or more cores")
+def test_concurrent_calls_take_the_narrow_lane_and_get_the_lone_answers(tmp_path):
+    """The default server runs two batches at once on 2+ cores; the stock Triton client's answers do not change."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as tc
+
+    from tests.conftest import start_server
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "classifier").symlink_to(MODEL_REPO / "classifier")
+    srv = start_server(tmp_path, repo=repo)
+    try:
+        x = np.random.default_rng(3).normal(0, 1, (8, 3, SIDE, SIDE)).astype(np.float32)
+
+        def infer(i: int) -> np.ndarray:
+            with tc.InferenceServerClient(srv.url) as client:
+                inp = tc.InferInput("images", [1, 3, SIDE, SIDE], "FP32")
+                inp.set_data_from_numpy(x[i % 8 : i % 8 + 1])
+                return client.infer("classifier", [inp]).as_numpy("logits")[0]
+
+        with tc.InferenceServerClient(srv.url) as client:
+            config = client.get_model_config("classifier", as_json=True)["config"]
+        assert config["instance_group"][0]["count"] == 2  # the default on 2+ CPU cores
+        lone = [infer(i) for i in range(8)]
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(infer, range(160)))
+        for i, logits in enumerate(together):
+            np.testing.assert_allclose(logits, lone[i % 8], atol=1e-4)
+        text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+        runs = {
+            lane: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            for lane in ("wide", "narrow")
+            if line.startswith("optic_lane_runs_total") and f'lane="{lane}"' in line
+        }
+        assert runs["wide"] >= 8 and runs["narrow"] > 0, runs
+    finally:
+        assert srv.stop() == 0, srv.log()

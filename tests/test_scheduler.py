@@ -299,3 +299,21 @@ def test_adaptive_dense_arrivals_on_a_costly_model_still_gather():
     assert sum(dense) == 40 and len(dense) <= 6, dense
     assert dense[0] > 1, dense  # the first request waited for company: dispatch-when-idle alone would send it alone
     assert sparse == [1, 1, 1]
+
+
+def test_slot_executor_keeps_a_lone_batch_on_one_thread_and_spreads_concurrent_ones():
+    import threading
+
+    from optic.server.scheduler import SlotExecutor
+
+    pool = SlotExecutor(2, "t")
+    try:
+        names = {pool.submit(lambda: threading.current_thread().name).result(timeout=5) for _ in range(20)}
+        assert names == {"t-0_0"}  # one at a time: always the first slot's thread
+        gate = threading.Event()
+        first = pool.submit(lambda: (gate.wait(5), threading.current_thread().name)[1])
+        second = pool.submit(lambda: threading.current_thread().name).result(timeout=5)
+        gate.set()
+        assert (first.result(timeout=5), second) == ("t-0_0", "t-1_0")
+    finally:
+        pool.shutdown()
