@@ -39,10 +39,19 @@ IN_DISTRIBUTION_SIZE = 300
 # rises with batch size for these models on CPU (benchmarks/peers/bound.py: classifier 2.49 / 2.73 / 3.14 ms at
 # batch 1 / 12 / 32); at 64 callers, batches of 8 served more than batches of 32 in two alternating rounds each
 # (classifier 194.8 / 189.2 vs 184.0 / 168.0 img/s, detector 57.0 / 60.7 vs 56.0 / 58.7; docs/benchmarks.md).
+# The captioner's two parts run one batch at a time (the server's default is two on 2+ CPU cores: a narrow lane
+# beside the wide run). Its pipeline is bound by the Python decoding loop, not by onnxruntime, and a second encoder
+# or decoder batch beside the first cost throughput at 64 callers in every round (benchmarks/lanes.py: 0.96 / 0.96
+# with lanes on both parts, 0.87 / 0.93 on the encoder alone), where the CNNs gained 1.17-1.38.
 SERVING_CONFIG = {
     entry: "# Under load, run batches of 8 (Triton's preferred_batch_size): cheaper per image on CPU than 32.\n"
     "dynamic_batching { preferred_batch_size: [ 8 ] }\n"
     for entry in ("classifier", "detector")
+} | {
+    entry: "# One batch at a time: the caption decoding loop, not onnxruntime, bounds this pipeline, and a second\n"
+    "# batch beside the first (the narrow lane) served fewer captions per second (docs/benchmarks.md).\n"
+    "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    for entry in ("captioner_encoder", "captioner_decoder")
 }
 
 

@@ -137,9 +137,10 @@ class OnnxModel:
 
         On CPU one run on all the cores answers soonest, but runs side by side on a few threads each finish more
         images per second: intra-op threads wait for each other at every kernel, side-by-side runs do not (this
-        machine, 2 cores, detector: 126 images/s one at a time on 2 threads, 168 as two runs on 1 thread each).
+        machine, 2 cores, detector: 117 images/s one at a time on 2 threads, 167 as two runs on 1 thread each).
         So a run starts wide when it is alone and narrow when it has company. None (no lane) on CUDA, or when
-        ``threads`` would be no narrower. The lane holds its own copy of the weights and its own arena.
+        ``threads`` would be no narrower. The lane holds its own copy of the weights; its working memory comes from
+        the arena all CPU sessions share (``shared_cpu_arena``).
         """
         if threads >= self.threads or self.providers[0] != "CPUExecutionProvider":
             return None

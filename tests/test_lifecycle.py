@@ -362,3 +362,20 @@ def test_metrics_are_labelled_by_model_and_version(configured):
         'optic_compute_duration_seconds_count{model="classifier",version="1"}',
     ):
         assert line in text, line
+
+
+def test_the_default_repository_ships_the_export_stages_serving_configs(server):
+    """model_repo's config.pbtxt files are what ``optic export`` writes (no drift), and the server applies them: the
+    captioner's parts run one batch at a time, the CNNs get the default two lanes where there are 2+ cores."""
+    from optic.export.recipe import SERVING_CONFIG
+    from optic.server.runtime import default_instances, default_threads
+
+    shipped = {p.parent.name: p.read_text() for p in MODEL_REPO.glob("*/config.pbtxt")}
+    assert shipped == SERVING_CONFIG
+    with tc.InferenceServerClient(server.url) as client:
+        counts = {
+            name: client.get_model_config(name, as_json=True)["config"]["instance_group"][0]["count"]
+            for name in ("captioner_encoder", "captioner_decoder", "classifier", "segmenter")
+        }
+    lanes = default_instances(default_threads())
+    assert counts == {"captioner_encoder": 1, "captioner_decoder": 1, "classifier": lanes, "segmenter": lanes}
