@@ -60,9 +60,11 @@ def worker_counts(cores: int) -> list[int]:
     return counts
 
 
-def start(repo: Path, models: list[str], cores: list[int], workers: int, log_dir: Path) -> Server:
+def start(
+    repo: Path, models: list[str], cores: list[int], workers: int, log_dir: Path, extra: list[str] | None = None
+) -> Server:
     """``optic serve --workers N`` pinned to ``cores``, once every worker has warmed up."""
-    flags = ["--log-level", "WARNING", "--workers", str(workers), "--model-control-mode", "explicit"]
+    flags = ["--log-level", "WARNING", "--workers", str(workers), "--model-control-mode", "explicit", *(extra or [])]
     for model in models:
         flags += ["--load-model", model]
     server = Env(sys.executable, repo, log_dir).start(repo, *flags, cores=cores)
