@@ -129,9 +129,9 @@ def serve_args(args: list[str]):
         pytest.fail(f"manifest passes flags `optic serve` does not take: {args}")
 
 
-# Idle server with the default repository, onnxruntime arenas grown by warm-up at the largest batch (32): measured
-# 1,100 MB on CPU (the segmenter's four views at 256x256 alone take ~600 MB at batch 32; 392 MB in all with
-# --max-batch-size 8); the rest of the limit is what the bounds flags may let clients take.
+# Idle server with the default repository, its shared onnxruntime arena grown by warm-up at the largest batch (32):
+# measured 844 MB on CPU (1,100 MB when each session had its own arena; the segmenter's four views at 256x256 are the
+# largest part); the rest of the limit is what the bounds flags may let clients take.
 IDLE_ALLOWANCE_MB = 1280
 
 
