@@ -49,8 +49,8 @@ SERVING_CONFIG = {
     for entry in ("classifier", "detector")
 } | {
     entry: "# One batch at a time: the caption decoding loop, not onnxruntime, bounds this pipeline, and a second\n"
-    "# batch beside the first (the narrow lane) served fewer captions per second (docs/benchmarks.md).\n"
-    "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    "# batch beside the first (the narrow lane) served fewer captions per second (docs/operations.md).\n"
+    "instance_group [ { count: 1 } ]\n"
     for entry in ("captioner_encoder", "captioner_decoder")
 }
 

@@ -58,8 +58,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--instances",
         type=int,
         default=0,
-        help="batches run concurrently per model (0: 2 on 2+ CPU cores, 1 on a GPU or one core); with automatic "
-        "threads a batch alone runs on all the cores, the others on cores / instances each",
+        help="batches run concurrently per model (0: 2 on 2+ CPU cores, 1 on a GPU, one core or with "
+        "--intra-op-threads); with automatic threads a batch alone runs on all the cores, the others on "
+        "cores / instances each",
     )
     p.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per run (0: automatic)")
     p.add_argument(
@@ -350,7 +351,8 @@ def serve(args: argparse.Namespace) -> int:
     on_gpu = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
     workers = args.workers or default_workers(default_threads(), gpu=on_gpu)
     if not args.instances:
-        instances = default_instances(share or default_threads(), gpu=on_gpu)
+        # Explicit --intra-op-threads means one session of that width: two runs on it would oversubscribe.
+        instances = 1 if args.intra_op_threads else default_instances(share or default_threads(), gpu=on_gpu)
         config.batching = replace(config.batching, instances=instances)
     if workers > 1 and args.worker_index < 0:
         return _supervise(args, config, workers)

@@ -262,16 +262,15 @@ class ModelRepository:
         image_hw = (spec.size, spec.layout == "NHWC") if spec is not None else (None, False)
         # Warm-up runs at the model's real input size, and its outputs must fit what the metadata says.
         shapes = self._warm_up(runtime, effective, model_dir, image_hw)
-        if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
-            # A batch alone runs on all the cores; batches that run beside it share them (runtime.open_narrow_lane).
-            cores = self.runtime_options.cores or default_threads()
-            lane = runtime.open_narrow_lane(max(1, cores // batching.instances))
-            if lane is not None:
-                self._warm_up(ticket.track(lane), effective, model_dir, image_hw)
         try:
             layout = check_outputs(meta, shapes, f"model {name!r}")
         except OutputMismatch as exc:
             raise cfgmod.ConfigError(str(exc)) from None
+        if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
+            # A batch alone runs on all the cores; batches that run beside it share them (runtime.open_narrow_lane).
+            cores = self.runtime_options.cores or default_threads()
+            for lane in runtime.open_narrow_lane(max(1, cores // batching.instances), batching.instances):
+                self._warm_up(ticket.track(lane), effective, model_dir, image_hw)
         if layout != meta.output_layout:
             meta = replace(meta, output_layout=layout)
         executor = SlotExecutor(batching.instances, f"ort-{name}")

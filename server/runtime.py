@@ -71,7 +71,7 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 _arena_lock = threading.Lock()
-_arena_registered = False
+_arena_registered: bool | None = None  # None: not tried yet
 
 
 def shared_cpu_arena() -> bool:
@@ -79,19 +79,20 @@ def shared_cpu_arena() -> bool:
 
     Each session's own arena grows to its largest batch and keeps it: a model's narrow lane would hold a second
     copy of the wide session's working memory (detector, warmed up at batch 32: +273 MB for one session, +544 MB
-    for two, +321 MB for two sharing one arena). Sharing also lets models reuse each other's idle memory.
+    for two, +321 MB for two sharing one arena). Sharing also lets models reuse each other's idle memory. The
+    arena never shrinks: what an unloaded model used stays in it for the next load, not given back to the system.
     """
     global _arena_registered
     with _arena_lock:
-        if not _arena_registered:
+        if _arena_registered is None:
             info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
             try:
                 ort.create_and_register_allocator(info, None)
+                _arena_registered = True
             except Exception as exc:  # onnxruntime raises its own types; each session then keeps its own arena
                 log.warning("shared CPU arena unavailable (%s): each session keeps its own", exc)
-                return False
-            _arena_registered = True
-    return True
+                _arena_registered = False
+        return _arena_registered
 
 
 class OnnxModel:
@@ -127,26 +128,31 @@ class OnnxModel:
         self.terminated = False
         self._running: set[ort.RunOptions] = set()
         self._lock = threading.Lock()
-        self.narrow: OnnxModel | None = None
+        self.narrow: list[OnnxModel] = []  # the narrow lane's sessions (open_narrow_lane)
+        self._narrow_busy: list[int] = []  # runs in flight on each of them
         self._active = 0  # runs in flight here and on the narrow lane
         self.lane_runs = {"wide": 0, "narrow": 0}
         self.on_lane: Callable[[str], None] | None = None  # told the lane of every run (metrics)
 
-    def open_narrow_lane(self, threads: int) -> OnnxModel | None:
+    def open_narrow_lane(self, threads: int, runs: int) -> list[OnnxModel]:
         """Open the model again with ``threads`` intra-op threads, for runs that start while another is running.
 
         On CPU one run on all the cores answers soonest, but runs side by side on a few threads each finish more
         images per second: intra-op threads wait for each other at every kernel, side-by-side runs do not (this
         machine, 2 cores, detector: 117 images/s one at a time on 2 threads, 167 as two runs on 1 thread each).
-        So a run starts wide when it is alone and narrow when it has company. None (no lane) on CUDA, or when
-        ``threads`` would be no narrower. The lane holds its own copy of the weights; its working memory comes from
-        the arena all CPU sessions share (``shared_cpu_arena``).
+        So a run starts wide when it is alone and narrow when it has company. Up to ``runs`` run at once: with one
+        thread each they share one session (a run computes on its caller's thread), with more each gets its own
+        session, so their pools do not contend. None (no lane, []) on CUDA, or when ``threads`` would be no
+        narrower. Each session holds its own copy of the weights; working memory comes from the arena all CPU
+        sessions share (``shared_cpu_arena``).
         """
         if threads >= self.threads or self.providers[0] != "CPUExecutionProvider":
-            return None
-        self.narrow = OnnxModel(self.path, replace(self.options, intra_op_threads=threads))
+            return []
+        sessions = 1 if threads == 1 else max(1, runs)
+        self.narrow = [OnnxModel(self.path, replace(self.options, intra_op_threads=threads)) for _ in range(sessions)]
+        self._narrow_busy = [0] * sessions
         if self.terminated:
-            self.narrow.terminate()
+            self.terminate()
         return self.narrow
 
     @property
@@ -155,26 +161,31 @@ class OnnxModel:
         return all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run on this session, or on the narrow lane when another run is in flight (``open_narrow_lane``)."""
+        """Run on this session, or on the least busy narrow one when another run is in flight (``open_narrow_lane``)."""
         with self._lock:
-            lane = self.narrow if self.narrow is not None and self._active else None
+            index = -1
+            if self.narrow and self._active:
+                index = min(range(len(self.narrow)), key=self._narrow_busy.__getitem__)
+                self._narrow_busy[index] += 1
             self._active += 1
-            name = "wide" if lane is None else "narrow"
+            name = "wide" if index < 0 else "narrow"
             self.lane_runs[name] += 1
         if self.on_lane is not None:
             self.on_lane(name)
         try:
-            return (lane or self)._run(feeds, outputs)
+            return (self if index < 0 else self.narrow[index])._run(feeds, outputs)
         finally:
             with self._lock:
                 self._active -= 1
+                if index >= 0:
+                    self._narrow_busy[index] -= 1
 
     def _run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
-        if self.terminated:
-            raise Unavailable(f"model {self.path.parent.parent.name!r} is being unloaded")
         names = list(outputs) if outputs else [t.name for t in self.outputs]
         options = ort.RunOptions()
-        with self._lock:
+        with self._lock:  # checked under the lock terminate() takes: a run cannot slip in between
+            if self.terminated:
+                raise Unavailable(f"model {self.path.parent.parent.name!r} is being unloaded")
             self._running.add(options)
         try:
             if self.io_binding:
@@ -195,8 +206,8 @@ class OnnxModel:
         with self._lock:
             for options in self._running:
                 options.terminate = True
-        if self.narrow is not None:
-            self.narrow.terminate()
+        for lane in self.narrow:
+            lane.terminate()
 
     def _run_bound(
         self, feeds: Mapping[str, np.ndarray], names: list[str], options: ort.RunOptions

@@ -51,7 +51,7 @@ class BatchingConfig:
     max_batch_size: int = 32  # 0: the model cannot batch; each request runs alone
     max_queue_delay: float = 0.002  # seconds the oldest request may wait for company
     max_queue_size: int = 1024  # queued requests beyond this are refused (backpressure)
-    instances: int = 1  # batches allowed to run at once
+    instances: int = 1  # batches allowed to run at once (`optic serve --instances 0` resolves its default first)
     # Triton's meaning: under load a batch stops at the largest preferred size (the queue keeps the rest for the
     # next one), and a batch that reaches a preferred size with nothing more waiting leaves at once. A request
     # larger than the largest preferred size still runs whole. Empty: batches fill to max_batch_size.
@@ -62,10 +62,11 @@ class BatchingConfig:
 class SlotExecutor(Executor):
     """One thread per batch slot, and a batch goes to the lowest free one.
 
-    A model that runs one batch at a time then runs it on the same thread every time, as with one slot: with a
-    shared pool, runs alternated between its threads once load had started them both, and a lone request on a
-    quiet 2-core machine took ~20 % longer (the classifier 8.1 -> 9.6 ms p50) on threads whose core's caches had
-    gone cold.
+    A model that runs one batch at a time then runs it on the same thread every time, as with one slot. With a
+    shared pool, runs went to whichever of its threads woke once load had started them both, and on the 16-core
+    machine's 2 dedicated cores a lone request took ~20 % longer with two slots than with one (classifier 8.3 vs
+    9.9 ms p50, detector 23.2 vs 27.5); with a thread per slot, 10.0 vs 11.1 and 21.8 vs 21.8
+    (benchmarks/results/lanes-device.json; noisy: the one-slot baseline itself moved between the two calls).
     """
 
     def __init__(self, slots: int, name: str) -> None:
@@ -77,7 +78,11 @@ class SlotExecutor(Executor):
         with self._lock:
             index = next((i for i, n in enumerate(self._busy) if n == 0), 0)
             self._busy[index] += 1
-        future = self._pools[index].submit(fn, *args, **kwargs)
+        try:
+            future = self._pools[index].submit(fn, *args, **kwargs)
+        except BaseException:  # shut down: the slot was never taken
+            self._release(index)
+            raise
         future.add_done_callback(lambda _: self._release(index))
         return future
 

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -109,9 +110,9 @@ def test_a_run_beside_another_takes_the_narrow_lane_and_answers_the_same():
     """Alone: the wide session (all its threads). With company: the narrow one. Same answers either way."""
     x = np.random.default_rng(2).normal(0, 1, (4, 3, SIDE, SIDE)).astype(np.float32)
     model = OnnxModel(CLASSIFIER, RuntimeOptions(cores=2))
-    assert model.threads == 2 and model.open_narrow_lane(2) is None  # not narrower: no lane
-    lane = model.open_narrow_lane(1)
-    assert lane is not None and lane.threads == 1 and model.narrow is lane
+    assert model.threads == 2 and model.open_narrow_lane(2, 2) == []  # not narrower: no lane
+    lanes = model.open_narrow_lane(1, 2)
+    assert len(lanes) == 1 and lanes[0].threads == 1 and model.narrow == lanes  # one thread: one session for all
     expected = model.run({"images": x})["logits"]
     assert model.lane_runs == {"wide": 1, "narrow": 0}
 
@@ -138,15 +139,43 @@ def test_a_run_beside_another_takes_the_narrow_lane_and_answers_the_same():
     assert len(answers) == 1
 
     model.terminate()  # an unload or a drain past its grace stops the lane's runs too
-    assert lane.terminated
+    assert lanes[0].terminated
     with pytest.raises(Exception, match="being unloaded"):
         model.run({"images": x})
+
+
+def test_wider_narrow_lanes_get_a_session_per_run_so_their_pools_do_not_contend():
+    """4 cores, 2 runs at once: beside the wide run (4 threads) each narrow run has its own 2-thread session."""
+    model = OnnxModel(CLASSIFIER, RuntimeOptions(cores=4))
+    lanes = model.open_narrow_lane(2, 3)
+    assert [lane.threads for lane in lanes] == [2, 2, 2]
+    gate, entered = threading.Event(), []
+    for session in (model, *lanes):
+
+        def blocking(feeds, outputs, session=session):
+            entered.append(session)
+            gate.wait(10)
+            return {"logits": np.zeros((1, 5), np.float32)}
+
+        session._run = blocking  # type: ignore[method-assign]
+    runs = [threading.Thread(target=model.run, args=({"images": None},)) for _ in range(4)]
+    for i, t in enumerate(runs):
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(entered) <= i and time.monotonic() < deadline:
+            time.sleep(0.005)
+    gate.set()
+    for t in runs:
+        t.join(timeout=10)
+    assert entered == [model, lanes[0], lanes[1], lanes[2]]  # wide first, then the least busy narrow session
+    assert model.lane_runs == {"wide": 1, "narrow": 3}
+    assert model._active == 0 and model._narrow_busy == [0, 0, 0]  # the counts went back down
 
 
 def test_no_narrow_lane_on_cuda(monkeypatch):
     model = OnnxModel(CLASSIFIER, RuntimeOptions(cores=2))
     monkeypatch.setattr(model, "providers", ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert model.open_narrow_lane(1) is None and model.narrow is None
+    assert model.open_narrow_lane(1, 2) == [] and model.narrow == []
 
 
 @pytest.mark.skipif(runtime.default_threads() < 2, reason="a narrow lane needs 2 or more cores")
