@@ -12,6 +12,11 @@ each round, alternating the two servers, this measures over the Vision API (640x
 
     .venv/bin/python benchmarks/lanes.py --out benchmarks/results/lanes.json              # here: shared cores
     .venv/bin/python benchmarks/lanes.py --server-cores 0-7 --load-cores 8-15 --workers 4  # a bigger machine
+    .venv/bin/python benchmarks/lanes.py --in-process --out benchmarks/results/lanes.json   # onnxruntime alone
+    .venv/bin/python benchmarks/lanes.py --memory --out benchmarks/results/lanes.json       # the default repository
+
+A model whose ``config.pbtxt`` sets ``instance_group`` (the default captioner's parts: count 1) ignores
+``--instances``: its two variants are then the same server.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bounds import Peak  # noqa: E402
+from benchmarks.bounds import Env, Peak  # noqa: E402
 from benchmarks.suite import TASK_OF  # noqa: E402
 from benchmarks.workers import busy_cores, cpu_list, start  # noqa: E402
 from optic.client import bench, load  # noqa: E402
@@ -120,6 +126,31 @@ def in_process(model: str, seconds: float) -> dict:
     return out
 
 
+def memory(args: argparse.Namespace) -> dict:
+    """The default repository's server (all models, one worker): RSS once idle, and its peak while the segmenter
+    alone, then all four models at once, take 64 callers each for ``--seconds``."""
+    out: dict[str, dict] = {}
+    for name in args.variants.split(","):
+        env = Env(sys.executable, args.model_repo, Path(tempfile.mkdtemp(prefix="optic-lanes-mem-")))
+        server = env.start(args.model_repo, "--log-level", "WARNING", "--workers", "1", *VARIANTS[name])
+        try:
+            row = {"rss_idle_mb": server.settle(1.5)}
+            for label, models in (("segmenter_alone", ["segmenter"]), ("all_four", list(TASK_OF))):
+                with Peak(server) as peak:
+                    bench_ = [sys.executable, "-m", "optic.server.cli", "bench", "--url", server.url, "--concurrency",
+                              "64", "--duration", str(args.seconds), "--warmup", "1", "--no-progress"]  # fmt: skip
+                    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+                    loads = [subprocess.Popen([*bench_, "--model", m], **quiet) for m in models]
+                    for load_ in loads:
+                        load_.wait()
+                row[f"rss_peak_{label}_mb"] = peak.mb
+            out[name] = row
+            print(name, {k: round(v) for k, v in row.items()}, flush=True)
+        finally:
+            server.stop(timeout=30)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.load_cores:
         os.sched_setaffinity(0, cpu_list(args.load_cores))
@@ -186,12 +217,22 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="only the default repository's RSS (added to --out's JSON)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="with --memory: which servers")
+    p.add_argument("--label", default="this build", help="with --memory: the key its figures go under")
     p.add_argument("--in-process", action="store_true", help="only onnxruntime, no server (added to --out's JSON)")
     p.add_argument("--no-half-load", action="store_true", help="skip the open-loop run (a quicker check)")
     p.add_argument("--out", type=Path, help="write JSON here")
     args = p.parse_args()
     args.server_cores = cpu_list(args.server_cores) if args.server_cores else sorted(os.sched_getaffinity(0))
     args.log_dir = Path(tempfile.mkdtemp(prefix="optic-lanes-"))
+    if args.memory:
+        data = memory(args)
+        if args.out:
+            merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+            merged.setdefault("memory", {})[args.label] = data
+            args.out.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        return 0
     if args.in_process:
         data = {m: in_process(m, args.seconds / 2) for m in args.models.split(",") if m != "captioner"}
         if args.out:
@@ -200,7 +241,7 @@ def main() -> int:
         return 0
     result = {
         "benchmark": "lanes",
-        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("log_dir", "model_repo")},
         **run(args),

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = result["summary"]
     print(table(rows))
     doc = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - started, 1),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version()},
