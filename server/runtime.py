@@ -131,7 +131,6 @@ class OnnxModel:
         self.narrow: list[OnnxModel] = []  # the narrow lane's sessions (open_narrow_lane)
         self._narrow_busy: list[int] = []  # runs in flight on each of them
         self._active = 0  # runs in flight here and on the narrow lane
-        self.lane_runs = {"wide": 0, "narrow": 0}
         self.on_lane: Callable[[str], None] | None = None  # told the lane of every run (metrics)
 
     def open_narrow_lane(self, threads: int, runs: int) -> list[OnnxModel]:
@@ -168,10 +167,8 @@ class OnnxModel:
                 index = min(range(len(self.narrow)), key=self._narrow_busy.__getitem__)
                 self._narrow_busy[index] += 1
             self._active += 1
-            name = "wide" if index < 0 else "narrow"
-            self.lane_runs[name] += 1
         if self.on_lane is not None:
-            self.on_lane(name)
+            self.on_lane("wide" if index < 0 else "narrow")
         try:
             return (self if index < 0 else self.narrow[index])._run(feeds, outputs)
         finally:
