@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bounds import Env, Peak  # noqa: E402
 from benchmarks.suite import TASK_OF  # noqa: E402
-from benchmarks.workers import busy_cores, cpu_list, start  # noqa: E402
+from benchmarks.workers import cpu_list, start  # noqa: E402
+from benchmarks.workers import measure as measure_c64  # noqa: E402
 from optic.client import bench, load  # noqa: E402
 from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
@@ -62,21 +63,16 @@ def figures(url: str, model: str, payloads: tuple[str, list[bytes]], args: argpa
     return {"img_s": result.throughput_rps, "p50_ms": result.latency_ms["p50"], "p99_ms": result.latency_ms["p99"]}
 
 
-def measure(args: argparse.Namespace, model: str, flags: list[str], payloads: Any, half_rate: float | None) -> dict:
+def serve_and_measure(
+    args: argparse.Namespace, model: str, flags: list[str], payloads: Any, half_rate: float | None
+) -> dict:
     started = time.monotonic()
     loaded = REPOSITORY_MODELS.get(model, [model])
     server = start(args.model_repo, loaded, args.server_cores, args.workers, args.log_dir, flags)
     out: dict[str, Any] = {"start_s": time.monotonic() - started, "rss_idle_mb": server.rss_mb()}
     try:
         with Peak(server) as peak:
-            begin = time.monotonic() + 3.0 + args.warmup + 0.2 * args.seconds
-            cpu: dict[str, float] = {}
-            sampler = threading.Thread(target=busy_cores, args=(server, begin, begin + 0.6 * args.seconds, cpu))
-            sampler.start()
-            out["c64"] = figures(server.url, model, payloads, args, concurrency=64)
-            sampler.join()
-            out["c64"]["busy_cores"] = cpu.get("busy_cores", 0.0)
-            out["c64"]["cpu_ms_per_image"] = 1000 * out["c64"]["busy_cores"] / max(out["c64"]["img_s"], 1e-9)
+            out["c64"] = measure_c64(server, argparse.Namespace(**vars(args), concurrency=64), model, payloads)
             out["c1"] = figures(server.url, model, payloads, args, concurrency=1, workers=1)
             rate = half_rate if half_rate is not None else out["c64"]["img_s"] / 2
             out["half_load"] = {"rate": rate, "p50_ms": math.nan, "p99_ms": math.nan}
@@ -107,10 +103,10 @@ def images_per_s(session: OnnxModel, feeds: dict[str, np.ndarray], runners: int,
     return done[0] / seconds
 
 
-def in_process(model: str, seconds: float) -> dict:
+def in_process(repo: Path, model: str, seconds: float) -> dict:
     """Images/s of onnxruntime alone on zeros, at batch 1 and 8: one run at a time on 1 and on 2 threads, and two
     runs side by side on 1 thread each (what the lanes do under load)."""
-    path = ROOT / "model_repo" / REPOSITORY_MODELS.get(model, [model])[0] / "1" / "model.onnx"
+    path = repo / REPOSITORY_MODELS.get(model, [model])[0] / "1" / "model.onnx"
     one, two = (OnnxModel(path, RuntimeOptions(intra_op_threads=t)) for t in (1, 2))
     spec = one.inputs[0]
     out: dict[str, dict[str, float]] = {}
@@ -159,9 +155,8 @@ def run(args: argparse.Namespace) -> dict:
         payloads = load.payloads(bench.BenchConfig(url="", api="vision", model=model, task=TASK_OF[model]))
         for rnd in range(args.rounds):
             half: float | None = None
-            names = list(VARIANTS)
-            for name in names:  # one batch at a time first: its peak sets the half-load rate for both
-                fig = measure(args, model, VARIANTS[name], payloads, half)
+            for name in VARIANTS:  # one batch at a time first: its peak sets the half-load rate for both
+                fig = serve_and_measure(args, model, VARIANTS[name], payloads, half)
                 half = fig["half_load"]["rate"]
                 runs.append({"model": model, "round": rnd, "variant": name, **fig})
                 r = runs[-1]
@@ -234,7 +229,7 @@ def main() -> int:
             args.out.write_text(json.dumps(merged, indent=1, default=str) + "\n")
         return 0
     if args.in_process:
-        data = {m: in_process(m, args.seconds / 2) for m in args.models.split(",") if m != "captioner"}
+        data = {m: in_process(args.model_repo, m, args.seconds / 2) for m in args.models.split(",") if m != "captioner"}
         if args.out:
             merged = json.loads(args.out.read_text()) if args.out.exists() else {}
             args.out.write_text(json.dumps(merged | {"in_process": data}, indent=1, default=str) + "\n")
