@@ -63,7 +63,7 @@ typecheck: $(VENV)/.installed-dev
 
 # Regenerate the generated modules in protos/ from the .proto files (tests/test_protos.py fails when it is stale).
 protos: $(VENV)/.installed-dev
-	$(BIN)/python -m server.codegen
+	$(BIN)/python -m optic.proto.codegen
 
 # Rebuild the default model repository from nothing (deterministic).
 models: $(VENV)/.installed-dev

@@ -119,6 +119,19 @@ class Admission(grpc.aio.ServerInterceptor):
         self.bytes -= size
         self._publish()
 
+    def hold(self, size: int) -> str | None:
+        """Count ``size`` more bytes for a call already admitted (tensors it reads from shared memory); None, or why
+        not. A call alone still fits: the caller bounds ``size`` by the message cap."""
+        if self.inflight > 1 and self.bytes + size > self.max_bytes:
+            return f"server holds its limit of {self.max_bytes / 2**20:g} MB of requests in flight (--max-inflight-mb)"
+        self.bytes += size
+        self._publish()
+        return None
+
+    def release(self, size: int) -> None:
+        self.bytes -= size
+        self._publish()
+
     # ------------------------------------------------------------------ the interceptor
 
     async def intercept_service(

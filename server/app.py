@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import shutil
 import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -37,6 +39,7 @@ from optic.server.repository import ModelRepository
 from optic.server.runtime import RuntimeOptions, default_threads
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import SecurityConfig, TokenAuth, load_tokens, server_credentials
+from optic.server.shm import SharedMemoryRegistry
 from optic.server.tasks.fair import CallLimits, FairExecutor
 from optic.server.tasks.image import ImageLimits
 
@@ -77,6 +80,8 @@ class ServerConfig:
     streams: StreamLimits = field(default_factory=StreamLimits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     allow_non_finite: bool = False  # KServe: accept NaN/Inf in float input tensors
+    allow_client_shm: bool = False  # KServe: tensors in system shared memory (Triton's --allow-client-shm)
+    shm_registry: Path | None = None  # where the regions are registered (shared by --workers); None: a private dir
     health_port: int = 0  # plaintext, health-only port for probes when the main port needs TLS or a token
 
 
@@ -138,10 +143,23 @@ class OpticServer:
         if config.health_port:
             self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(config.reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repo, lambda: self.draining, self.admission, config.streams, config.allow_non_finite),
-            self.grpc,
+        self._shm_dir: Path | None = None  # a private registry this server removes when it stops
+        shm: SharedMemoryRegistry | None = None
+        if config.allow_client_shm:
+            directory = config.shm_registry
+            if directory is None:
+                directory = self._shm_dir = Path(tempfile.mkdtemp(prefix="optic-shm-"))
+            shm = SharedMemoryRegistry(directory)
+        kserve = KServeServicer(
+            self.repo,
+            lambda: self.draining,
+            self.admission,
+            config.streams,
+            config.allow_non_finite,
+            shm,
+            config.max_message_bytes,
         )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self.grpc)
         fair = FairExecutor(self._pool, config.preprocess_threads or default_threads())
         call_limits = replace(config.call_limits, max_answer_bytes=config.max_message_bytes)
         vision = VisionServicer(self.repo, fair, config.image_limits, call_limits, self.admission, config.streams)
@@ -243,6 +261,8 @@ class OpticServer:
             await self._drain(grace)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._shm_dir is not None:
+                shutil.rmtree(self._shm_dir, ignore_errors=True)
             self._stopped.set()
             log.info("stopped")
 

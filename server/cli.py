@@ -26,7 +26,7 @@ from optic.server.security import (
 )
 from optic.server.tasks.fair import CallLimits
 from optic.server.tasks.image import ImageLimits
-from optic.server.workers import default_workers
+from optic.server.workers import SHM_REGISTRY_ENV, default_workers
 
 if TYPE_CHECKING:
     from optic.server.app import ServerConfig
@@ -194,6 +194,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-non-finite", action="store_true", help="KServe: accept NaN/Inf in float inputs (otherwise refused)"
     )
+    p.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        help="KServe: let clients register POSIX shared-memory regions and pass tensors through them (Triton's "
+        "system shared memory; clients on this host only, and they can read and write any shared-memory object "
+        "this server's user can open)",
+    )
     sec = p.add_argument_group("security")
     sec.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain: serve gRPC over TLS")
     sec.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key (with --tls-cert)")
@@ -287,6 +294,7 @@ def serve(args: argparse.Namespace) -> int:
     # A worker of N shares the cores with the others: its onnxruntime and decode threads take its share.
     share = max(1, default_threads() // args.worker_count) if args.worker_count > 1 else 0
     max_bytes = int(args.max_message_mb * 1024 * 1024)
+    registry = os.environ.get(SHM_REGISTRY_ENV) if args.worker_index >= 0 else None  # one for all workers
     config = ServerConfig(
         model_repo=args.model_repo,
         host=args.host,
@@ -319,6 +327,8 @@ def serve(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight,
         health_port=args.health_port,
         allow_non_finite=args.allow_non_finite,
+        allow_client_shm=args.allow_client_shm,
+        shm_registry=Path(registry) if registry else None,
         max_streams=args.max_streams,
         max_inflight_bytes=int(args.max_inflight_mb * 2**20),
         streams=StreamLimits(args.stream_window, int(args.stream_window_mb * 2**20), args.stream_idle_seconds),

@@ -43,3 +43,17 @@ class Internal(OpticError):
 
 class FailedPrecondition(OpticError):
     code = "FAILED_PRECONDITION"
+
+
+class AlreadyExists(OpticError):
+    code = "ALREADY_EXISTS"
+
+
+class PermissionDenied(OpticError):
+    code = "PERMISSION_DENIED"
+
+
+class Unimplemented(OpticError):
+    """A feature this server does not offer, or offers only when a flag turns it on."""
+
+    code = "UNIMPLEMENTED"

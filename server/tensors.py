@@ -78,12 +78,13 @@ def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
-    """Decode one entry of ``raw_input_contents``; its length must match the shape exactly."""
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
+    """Decode one entry of ``raw_input_contents`` (or a tensor read from shared memory); its length must match the
+    shape exactly."""
     dims = check_shape(name, shape)
     count = math.prod(dims)
     if datatype == "BYTES":
-        return _bytes_from_raw(name, dims, count, raw)
+        return _bytes_from_raw(name, dims, count, bytes(raw))  # no copy when it already is bytes
     dtype = DATATYPES[datatype]
     expected = count * dtype.itemsize
     if len(raw) != expected:

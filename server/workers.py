@@ -10,7 +10,8 @@ worker) across them.
 The supervisor loads no model. It checks the port
 is free (``SO_REUSEPORT`` would otherwise let two servers share it by
 accident), starts the workers with prometheus-client's multiprocess mode
-pointed at a private directory, serves ``/metrics`` summed over the workers,
+pointed at a private directory (and one shared-memory registry in it, so a
+region registered on one worker can be used on any), serves ``/metrics`` summed over the workers,
 restarts a worker that dies (with backoff), forwards SIGTERM/SIGINT so every
 worker drains, and exits when they have, with the worst exit status.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SHM_REGISTRY_ENV = "OPTIC_SHM_REGISTRY"  # the workers' one shared-memory registry (optic.server.shm)
 _PR_SET_PDEATHSIG = 1
 STARTUP_FAILURE = 2  # a worker that exits with this (bad flags, port taken) is not restarted
 
@@ -98,7 +100,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "optic.server.cli", *self.argv,
                "--workers", "1", "--metrics-port", "0", "--worker-index", str(w.index),
                "--worker-count", str(len(self.workers))]  # fmt: skip
-        env = os.environ | {MULTIPROC_ENV: str(self.dir)}
+        env = os.environ | {MULTIPROC_ENV: str(self.dir), SHM_REGISTRY_ENV: str(self.dir / "shm-regions")}
         w.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         w.started = time.monotonic()
         log.info("worker %d started (pid %d)", w.index, w.proc.pid)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 import numpy as np
@@ -12,42 +13,51 @@ from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from optic.server import __version__, overrides
 from optic.server.admission import Admission, SizedRequest, Undecodable, sized_stream
 from optic.server.api.common import CallInfo, counted, rpc, time_left
+from optic.server.api.kserve_shm import SharedMemoryRpcs
 from optic.server.api.streams import StreamLimits, in_order
 from optic.server.config import PLATFORM
-from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError
+from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError, Unimplemented
 from optic.server.handlers import fail
 from optic.server.metadata import MODEL_NAME
 from optic.server.metrics import Duration, ModelStats
 from optic.server.repository import ModelRepository, ServedModel, printable
-from optic.server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
+from optic.server.shm import DISABLED, SharedMemoryRegistry, TensorRef, tensor_refs
+from optic.server.tensors import CONTENTS_FIELD, DATATYPES, check_shape, from_contents, from_raw, to_raw
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 MAX_CLASSIFICATION = 1000
 
 
 def decode_inputs(
-    request: pb.ModelInferRequest, model: ServedModel, allow_non_finite: bool = False
+    request: pb.ModelInferRequest,
+    model: ServedModel,
+    allow_non_finite: bool = False,
+    refs: Mapping[str, TensorRef] | None = None,
+    shm: SharedMemoryRegistry | None = None,
 ) -> dict[str, np.ndarray]:
     """Validate the request's tensors against the model's inputs and decode them.
 
+    ``refs``: the inputs in shared memory (read from ``shm``); ``raw_input_contents`` holds the others, in order.
     NaN and infinity are refused unless allowed: in an image model's input they are a client bug
     (a division by zero in normalisation), and would come back as NaN scores that look like answers.
     """
     specs = {s.name: s for s in model.inputs}
+    refs = refs or {}
     raw = request.raw_input_contents
-    if raw:
-        typed = next((t.name for t in request.inputs if t.HasField("contents")), None)
-        if typed is not None:  # the protocol allows one or the other, never both (Triton refuses the same)
-            raise InvalidArgument(
-                f"input {typed[:64]!r} has typed contents while the request also has raw_input_contents; "
-                "send every input one way"
-            )
-    if raw and len(raw) != len(request.inputs):
+    typed = next((t.name for t in request.inputs if t.HasField("contents")), None)
+    if typed is not None and (raw or typed in refs):  # one way per input (Triton refuses the same)
         raise InvalidArgument(
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
+            f"input {typed[:64]!r} has typed contents while the request also has "
+            f"{'shared memory' if typed in refs else 'raw_input_contents'} for it; send every input one way"
+        )
+    sent = len(request.inputs) - len(refs)
+    if raw and len(raw) != sent:
+        raise InvalidArgument(
+            f"{len(raw)} raw_input_contents for {sent} inputs not in shared memory; send one per input, in order"
         )
     decoded: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    raw_index = 0
+    for tensor in request.inputs:
         spec = specs.get(tensor.name)
         if spec is None:
             raise InvalidArgument(
@@ -69,8 +79,12 @@ def decode_inputs(
                 f"input {tensor.name!r} has shape {shape[:16]}; model {model.name!r} expects "
                 f"{list(spec.shape)} (-1: any size)"
             )
-        if raw:
-            decoded[tensor.name] = from_raw(tensor.name, tensor.datatype, shape, raw[i])
+        ref = refs.get(tensor.name)
+        if ref is not None:
+            decoded[tensor.name] = _from_shm(tensor.name, tensor.datatype, shape, ref, shm)
+        elif raw:
+            decoded[tensor.name] = from_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
@@ -90,12 +104,27 @@ def decode_inputs(
     return decoded
 
 
+def _from_shm(
+    name: str, datatype: str, shape: list[int], ref: TensorRef, shm: SharedMemoryRegistry | None
+) -> np.ndarray:
+    if shm is None:
+        raise Unimplemented(DISABLED)
+    if datatype != "BYTES":
+        needed = math.prod(check_shape(name, shape)) * DATATYPES[datatype].itemsize
+        if ref.byte_size != needed:  # before reading: the size is the client's word, the shape the model's
+            raise InvalidArgument(
+                f"input {name!r}: shared_memory_byte_size is {ref.byte_size}, but shape {shape[:16]} of {datatype} "
+                f"needs {needed}"
+            )
+    return from_raw(name, datatype, shape, shm.read(ref).data)
+
+
 def tensor_metadata(model: ServedModel, kind: str) -> list[pb.ModelMetadataResponse.TensorMetadata]:
     specs = model.inputs if kind == "inputs" else model.outputs
     return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
 
 
-class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+class KServeServicer(SharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         repo: ModelRepository,
@@ -103,12 +132,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         admission: Admission,
         streams: StreamLimits,
         allow_non_finite: bool = False,
+        shm: SharedMemoryRegistry | None = None,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
         self.repo = repo
         self._draining = draining
         self._admission = admission
         self._streams = streams
         self._allow_non_finite = allow_non_finite
+        self._shm = shm  # None: --allow-client-shm is off
+        self._max_shm_read = max_message_bytes  # a call reads no more from shared memory than a message may hold
 
     @rpc("ServerLive")
     async def ServerLive(
@@ -132,7 +165,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="optic", version=__version__, extensions=EXTENSIONS)
+        extensions = EXTENSIONS + (["system_shared_memory"] if self._shm is not None else [])
+        return pb.ServerMetadataResponse(name="optic", version=__version__, extensions=extensions)
 
     @rpc("ModelMetadata", lambda r: r.name)
     async def ModelMetadata(
@@ -164,8 +198,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             top_k = {o.name: _classification_k(o) for o in request.outputs}
             queue_timeout = _queue_timeout(request, model)
-            inputs = decode_inputs(request, model, self._allow_non_finite)
-            outputs = await model.infer(inputs, timeout, queue_timeout)
+            in_shm, out_shm = tensor_refs("input", request.inputs), tensor_refs("output", request.outputs)
+            if (in_shm or out_shm) and self._shm is None:
+                raise Unimplemented(DISABLED)
+            both = next((n for n in out_shm if top_k.get(n)), None)
+            if both is not None:
+                raise InvalidArgument(f"output {both[:64]!r}: set 'classification' or shared memory, not both")
+            with self._shm_bytes(sum(r.byte_size for r in in_shm.values())):
+                inputs = decode_inputs(request, model, self._allow_non_finite, in_shm, self._shm)
+                outputs = await model.infer(inputs, timeout, queue_timeout)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name in wanted:
             array = outputs[name]
@@ -173,7 +214,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if top_k.get(name):
                 array, datatype = classify(array, top_k[name], model.meta.labels, model.max_batch_size > 0), "BYTES"
             response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-            response.raw_output_contents.append(to_raw(array))
+            if name in out_shm and self._shm is not None:  # Triton's layout: an empty entry keeps the order
+                self._shm.write(out_shm[name], to_raw(array))
+                response.raw_output_contents.append(b"")
+            else:
+                response.raw_output_contents.append(to_raw(array))
         return response
 
     @sized_stream

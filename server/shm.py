@@ -1,0 +1,236 @@
+"""Triton's system shared-memory extension: tensors passed through POSIX shared memory instead of the message.
+
+A client on the same host (a sidecar in the pod) creates a shared-memory object (``shm_open``, e.g. with
+``tritonclient.utils.shared_memory``), registers a region of it by name, and then names the region in an input's or
+requested output's ``shared_memory_region`` / ``shared_memory_byte_size`` / ``shared_memory_offset`` parameters.
+A 1.8 MB tensor then crosses no socket and no protobuf: the request is a few hundred bytes.
+
+Design choices, each for a bound or a failure mode:
+
+- **Off unless ``--allow-client-shm``** (Triton's flag and default): a registered key lets a network client read
+  and write any shared-memory object the server's user can open.
+- **No mapping.** Each use opens the object, reads or writes with ``pread``/``pwrite`` and closes it. A mapped
+  object that its owner truncates raises SIGBUS in the server on the next access (a crash a client could cause);
+  ``pread`` past the end returns short instead, which we refuse. A registration holds no descriptor and no memory.
+- **One registry per server, on disk.** ``--workers N`` processes share the port and the kernel spreads
+  connections, not calls: a client that registers on one worker and reconnects (idle or age limits) lands on
+  another. Every worker reads the same directory (private to the server, 0700); ``flock`` orders registrations.
+- **Bounded**: at most :data:`MAX_REGIONS` regions, names and keys of at most 255 bytes, and a call reads at most
+  ``--max-message-mb`` from shared memory, counted against ``--max-inflight-mb`` like a message's bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optic.server.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+
+SHM_DIR = Path("/dev/shm")  # where glibc's shm_open keeps POSIX shared-memory objects on Linux
+MAX_REGIONS = 256
+MAX_NAME_BYTES = 255
+DISABLED = "client shared memory is off: start the server with --allow-client-shm to use it"
+PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one input or output lives: ``byte_size`` bytes at ``offset`` into a registered region."""
+
+    tensor: str
+    region: str
+    offset: int
+    byte_size: int
+
+
+def _bounded(what: str, value: str) -> str:
+    if not value or len(value.encode()) > MAX_NAME_BYTES or "\0" in value:
+        raise InvalidArgument(f"{what} must be 1 to {MAX_NAME_BYTES} bytes without NUL, got {value[:64]!r}")
+    return value
+
+
+def object_path(key: str, shm_dir: Path = SHM_DIR) -> Path:
+    """The file ``shm_open(key)`` names, with glibc's rules: leading slashes dropped, no other slash."""
+    name = _bounded("shared-memory key", key).lstrip("/")
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidArgument(f"shared-memory key {key[:64]!r} must be one name, like '/input0' (no other '/')")
+    return shm_dir / name
+
+
+@contextlib.contextmanager
+def _opened(path: Path, key: str, write: bool) -> Iterator[int]:
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise NotFound(f"no shared-memory object with key {key[:64]!r}") from None
+    except PermissionError:
+        raise PermissionDenied(f"the server may not open shared-memory object {key[:64]!r}") from None
+    except OSError as exc:  # a symlink (O_NOFOLLOW), a FIFO, too many open files...
+        raise InvalidArgument(f"cannot open shared-memory object {key[:64]!r}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"{key[:64]!r} is not a shared-memory object")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class SharedMemoryRegistry:
+    """The regions clients registered, in ``directory`` (one JSON file per region, named by the name's hash)."""
+
+    def __init__(self, directory: Path, shm_dir: Path = SHM_DIR, max_regions: int = MAX_REGIONS) -> None:
+        self.directory, self.shm_dir, self.max_regions = directory, shm_dir, max_regions
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _file(self, name: str) -> Path:
+        return self.directory / (hashlib.sha256(name.encode()).hexdigest() + ".json")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _regions(self) -> list[Path]:
+        return sorted(self.directory.glob("*.json"))
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        _bounded("region name", name)
+        path = object_path(key, self.shm_dir)
+        if byte_size <= 0:
+            raise InvalidArgument(f"region {name[:64]!r}: byte_size must be positive")
+        with _opened(path, key, write=False) as fd:
+            size = os.fstat(fd).st_size
+        if offset + byte_size > size:
+            raise InvalidArgument(
+                f"region {name[:64]!r}: offset {offset} + byte_size {byte_size} is past the end of "
+                f"shared-memory object {key[:64]!r} ({size} bytes)"
+            )
+        with self._locked():
+            target = self._file(name)
+            if target.exists():
+                raise AlreadyExists(f"shared-memory region {name[:64]!r} is already registered")
+            if len(self._regions()) >= self.max_regions:
+                raise ResourceExhausted(
+                    f"the server holds its limit of {self.max_regions} shared-memory regions; unregister some first"
+                )
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(Region(name, key, offset, byte_size))))
+            tmp.replace(target)
+
+    def unregister(self, name: str) -> None:
+        """Forget one region, or every region when ``name`` is empty (Triton's rule). Unknown names are no error."""
+        with self._locked():
+            for path in self._regions() if not name else [self._file(name)]:
+                path.unlink(missing_ok=True)
+
+    def status(self, name: str = "") -> list[Region]:
+        if name:
+            return [self.get(name)]
+        regions = []
+        for path in self._regions():
+            with contextlib.suppress(FileNotFoundError):  # unregistered while we listed
+                regions.append(Region(**json.loads(path.read_text())))
+        return regions
+
+    def get(self, name: str) -> Region:
+        try:
+            return Region(**json.loads(self._file(name).read_text()))
+        except FileNotFoundError:
+            raise NotFound(f"no shared-memory region named {name[:64]!r} is registered") from None
+
+    def _place(self, ref: TensorRef, length: int, what: str) -> tuple[Region, Path, int]:
+        region = self.get(ref.region)
+        if ref.offset + ref.byte_size > region.byte_size:
+            raise InvalidArgument(
+                f"{what} {ref.tensor[:64]!r}: offset {ref.offset} + byte_size {ref.byte_size} is past the end of "
+                f"region {ref.region[:64]!r} ({region.byte_size} bytes)"
+            )
+        if length > ref.byte_size:
+            raise InvalidArgument(
+                f"{what} {ref.tensor[:64]!r} is {length} bytes; its shared_memory_byte_size is {ref.byte_size}"
+            )
+        return region, object_path(region.key, self.shm_dir), region.offset + ref.offset
+
+    def read(self, ref: TensorRef) -> np.ndarray:
+        """The input's bytes, read into a fresh buffer (never a view: the client may overwrite the region)."""
+        region, path, start = self._place(ref, ref.byte_size, "input")
+        data = np.empty(ref.byte_size, dtype=np.uint8)
+        with _opened(path, region.key, write=False) as fd:
+            got = os.preadv(fd, [data.data], start)
+        if got != ref.byte_size:
+            raise InvalidArgument(
+                f"input {ref.tensor[:64]!r}: shared-memory object {region.key[:64]!r} now ends before the region does"
+            )
+        return data
+
+    def write(self, ref: TensorRef, data: bytes | memoryview) -> None:
+        region, path, start = self._place(ref, len(data), "output")
+        with _opened(path, region.key, write=True) as fd:
+            if os.fstat(fd).st_size < start + len(data):  # pwrite would grow the client's object
+                raise InvalidArgument(
+                    f"output {ref.tensor[:64]!r}: shared-memory object {region.key[:64]!r} now ends before the region"
+                )
+            view = memoryview(data).cast("B")
+            while view:
+                try:
+                    written = os.pwrite(fd, view, start)
+                except OSError as exc:  # ENOSPC: the object was sparse and /dev/shm is full
+                    raise ResourceExhausted(f"output {ref.tensor[:64]!r}: {exc.strerror}") from None
+                view, start = view[written:], start + written
+
+
+def _value(parameter: object) -> object:
+    choice = parameter.WhichOneof("parameter_choice")  # type: ignore[attr-defined]
+    return getattr(parameter, choice) if choice else None
+
+
+def tensor_refs(kind: str, tensors: Iterable[Any]) -> dict[str, TensorRef]:
+    """The inputs or requested outputs (``kind``) that name a shared-memory region, by tensor name.
+
+    Triton's rules: ``shared_memory_region`` and ``shared_memory_byte_size`` come together, the offset is optional.
+    """
+    refs: dict[str, TensorRef] = {}
+    for tensor in tensors:
+        params = tensor.parameters
+        given = [p for p in PARAMETERS if p in params]
+        if not given:
+            continue
+        region, size, offset = (_value(params[p]) if p in params else None for p in PARAMETERS)
+        name = tensor.name[:64]
+        if region is None or size is None:
+            raise InvalidArgument(
+                f"{kind} {name!r}: shared memory needs both 'shared_memory_region' and 'shared_memory_byte_size'"
+            )
+        offset = 0 if offset is None else offset
+        if not isinstance(region, str) or not region:
+            raise InvalidArgument(f"{kind} {name!r}: 'shared_memory_region' must be a region name")
+        numbers = []
+        for label, number in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise InvalidArgument(f"{kind} {name!r}: {label!r} must be a non-negative integer, got {number!r}")
+            numbers.append(number)
+        refs[tensor.name] = TensorRef(tensor.name, region, offset=numbers[1], byte_size=numbers[0])
+    return refs
