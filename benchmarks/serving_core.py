@@ -7,18 +7,21 @@
 (b) Latency of a lone request (one caller, sequential) through the server vs
     calling the same onnxruntime session in-process on the same tensor:
     the difference is the serving overhead. Measured with the defaults (the
-    adaptive window) and with ``--max-queue-delay-ms 0``.
+    adaptive window), with ``--max-queue-delay-ms 0``, and with the tensors in
+    system shared memory (``--allow-client-shm``: input and outputs in one
+    registered region, the message a few hundred bytes).
 (c) Poll-mode swaps under load: 16 callers for 12 s while two new versions are
     dropped into the repository; every failed request is counted.
 
 The load generator runs in its own process (see classify_vs_echo.py).
 
-    python benchmarks/serving_core.py
+    python benchmarks/serving_core.py [--only lone_request_latency]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -44,6 +48,7 @@ from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODELS = ("classifier", "detector")
+PARTS = ("throughput_64_concurrent", "lone_request_latency", "poll_swap_under_load")
 
 
 def input_shape(repo: Path, model: str) -> tuple[int, ...]:
@@ -121,35 +126,91 @@ def throughput(args: argparse.Namespace) -> dict:
     return results
 
 
+def shm_request(model: str, x: np.ndarray, outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    """A request with its input and every output in the region ``bench`` (Triton's system shared memory), and the
+    region's size: the input first, the outputs after it."""
+    req = pb.ModelInferRequest(model_name=model)
+    tensor = req.inputs.add(name="images", datatype="FP32", shape=x.shape)
+    offset = 0
+    for params, size in [(tensor.parameters, x.nbytes)] + [
+        (req.outputs.add(name=name).parameters, array.nbytes) for name, array in outputs.items()
+    ]:
+        params["shared_memory_region"].string_param = "bench"
+        params["shared_memory_byte_size"].int64_param = size
+        params["shared_memory_offset"].int64_param = offset
+        offset += size
+    return req.SerializeToString(), offset
+
+
+@contextlib.contextmanager
+def shm_region(channel: grpc.Channel, x: np.ndarray, size: int) -> Iterator[None]:
+    """A POSIX shared-memory object holding ``x``, registered with the server as ``bench``."""
+    from multiprocessing import shared_memory
+
+    block = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        block.buf[: x.nbytes] = x.tobytes()
+        register = channel.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister")
+        key = "/" + block.name.lstrip("/")
+        register(pb.SystemSharedMemoryRegisterRequest(name="bench", key=key, byte_size=size).SerializeToString())
+        yield
+    finally:
+        block.close()
+        block.unlink()
+
+
+def _interleaved(
+    args: argparse.Namespace, model: str, local: OnnxModel, x: np.ndarray, outputs: dict[str, np.ndarray]
+) -> dict[str, list[float]]:
+    body = request(model, x)
+    in_shm, size = shm_request(model, x, outputs)
+    times: dict[str, list[float]] = {"in_process": [], "served_default": [], "served_shm": []}
+    proc, url = start(args.model_repo, "--allow-client-shm")
+    try:
+        with grpc.insecure_channel(url) as ch, shm_region(ch, x, size):
+            call = ch.unary_unary(INFER)
+            turns = {
+                "in_process": lambda: local.run({"images": x}),
+                "served_default": lambda: call(body, timeout=10),
+                "served_shm": lambda: call(in_shm, timeout=10),
+            }
+            for i in range(50 + args.lone_requests):
+                for label, turn in turns.items():
+                    t = time.perf_counter()
+                    turn()
+                    if i >= 50:  # warm-up
+                        times[label].append(time.perf_counter() - t)
+    finally:
+        stop(proc)
+    return times
+
+
 def lone_latency(args: argparse.Namespace) -> dict:
+    """One caller, sequential. The in-process run, the tensor in the message and the tensor in shared memory take
+    turns request by request against one server (defaults plus ``--allow-client-shm``), so the machine's drift
+    falls on all three alike; ``--max-queue-delay-ms 0`` gets a server of its own."""
     results: dict = {}
     for model in MODELS:
         x = np.random.default_rng(1).random((1, *input_shape(args.model_repo, model)), dtype=np.float32)
         local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions())
         local.warmup([1])
-        times = []
-        for _ in range(args.lone_requests):
-            t = time.perf_counter()
-            local.run({"images": x})
-            times.append(time.perf_counter() - t)
-        results[model] = {"in_process": _pcts(times)}
+        outputs = local.run({"images": x})
+        times = _interleaved(args, model, local, x, outputs)
         del local
         body = request(model, x)
-        for label, flags in (("served_default", ()), ("served_no_delay", ("--max-queue-delay-ms", "0"))):
-            proc, url = start(args.model_repo, *flags)
-            try:
-                with grpc.insecure_channel(url) as ch:
-                    call = ch.unary_unary(INFER)
-                    for _ in range(50):
-                        call(body, timeout=10)
-                    times = []
-                    for _ in range(args.lone_requests):
-                        t = time.perf_counter()
-                        call(body, timeout=10)
-                        times.append(time.perf_counter() - t)
-            finally:
-                stop(proc)
-            results[model][label] = _pcts(times)
+        proc, url = start(args.model_repo, "--max-queue-delay-ms", "0")
+        try:
+            with grpc.insecure_channel(url) as ch:
+                call = ch.unary_unary(INFER)
+                for i in range(50 + args.lone_requests):
+                    t = time.perf_counter()
+                    call(body, timeout=10)
+                    if i >= 50:
+                        times.setdefault("served_no_delay", []).append(time.perf_counter() - t)
+        finally:
+            stop(proc)
+        results[model] = {label: _pcts(seconds) for label, seconds in times.items()}
+        for label in ("served_default", "served_shm", "served_no_delay"):
             results[model][label + "_overhead_p50_ms"] = (
                 results[model][label]["p50_ms"] - results[model]["in_process"]["p50_ms"]
             )
@@ -191,14 +252,17 @@ def main() -> int:
     parser.add_argument("--lone-requests", type=int, default=500)
     parser.add_argument("--model-repo", type=Path, default=ROOT / "model_repo")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "serving_core.json")
+    parser.add_argument("--only", choices=PARTS, help="measure one part; the file's other parts are kept")
     args = parser.parse_args()
-    summary = {
+    summary = json.loads(args.json.read_text()) if args.only and args.json.exists() else {}
+    summary |= {
         "benchmark": "serving_core",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "throughput_64_concurrent": throughput(args),
-        "lone_request_latency": lone_latency(args),
-        "poll_swap_under_load": poll_swap(args),
     }
+    parts = dict(zip(PARTS, (throughput, lone_latency, poll_swap), strict=True))
+    for part, measure in parts.items():
+        if args.only in (None, part):
+            summary[part] = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"-> {args.json}")
