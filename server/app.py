@@ -39,7 +39,7 @@ from optic.server.repository import ModelRepository
 from optic.server.runtime import RuntimeOptions, default_threads
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import SecurityConfig, TokenAuth, load_tokens, server_credentials
-from optic.server.shm import SharedMemoryRegistry
+from optic.server.shm import DEFAULT_MAX_BYTES, SharedMemoryRegistry
 from optic.server.tasks.fair import CallLimits, FairExecutor
 from optic.server.tasks.image import ImageLimits
 
@@ -81,6 +81,7 @@ class ServerConfig:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     allow_non_finite: bool = False  # KServe: accept NaN/Inf in float input tensors
     allow_client_shm: bool = False  # KServe: tensors in system shared memory (Triton's --allow-client-shm)
+    max_shm_bytes: int = DEFAULT_MAX_BYTES  # registered shared-memory regions, all together
     shm_registry: Path | None = None  # where the regions are registered (shared by --workers); None: a private dir
     health_port: int = 0  # plaintext, health-only port for probes when the main port needs TLS or a token
 
@@ -149,7 +150,7 @@ class OpticServer:
             directory = config.shm_registry
             if directory is None:
                 directory = self._shm_dir = Path(tempfile.mkdtemp(prefix="optic-shm-"))
-            shm = SharedMemoryRegistry(directory)
+            shm = SharedMemoryRegistry(directory, max_bytes=config.max_shm_bytes)
         kserve = KServeServicer(
             self.repo,
             lambda: self.draining,
@@ -194,6 +195,7 @@ class OpticServer:
             workers=c.preprocess_threads or default_threads(),
             max_image_pixels=c.image_limits.max_pixels,
             max_rle_runs=c.call_limits.max_rle_runs,
+            shm_bytes=c.max_shm_bytes if c.allow_client_shm else 0,
         )
 
     async def _set_health(self, status: int) -> None:
@@ -229,8 +231,8 @@ class OpticServer:
         budget = self.memory_budget()
         log.info(
             "worst-case memory the limits allow above idle: %.0f MB (calls %.0f, receiving %.0f, streams %.0f, "
-            "images %.0f, rle %.0f); docs/operations.md says which flags lower it",
-            *(budget[k] / 2**20 for k in ("total", "calls", "receiving", "streams", "images", "rle")),
+            "images %.0f, rle %.0f, shm %.0f); docs/operations.md says which flags lower it",
+            *(budget[k] / 2**20 for k in ("total", "calls", "receiving", "streams", "images", "rle", "shm")),
         )
         sec = self.config.security
         log.info(
@@ -251,6 +253,11 @@ class OpticServer:
         served = [f"{n}:{v}" for n, vs in sorted(self.repo.versions.items()) for v in vs]
         log.info("serving %s (model control mode %s)", ", ".join(served) or "no models", self.config.control_mode)
 
+    def remove_private_files(self) -> None:
+        """The shared-memory registry this server made for itself (a ``--workers`` supervisor removes theirs)."""
+        if self._shm_dir is not None:
+            shutil.rmtree(self._shm_dir, ignore_errors=True)
+
     async def stop(self, grace: float | None = None) -> None:
         """Readiness off, refuse new calls, let in-flight ones finish (up to ``grace`` s), release models."""
         if self.draining:
@@ -261,8 +268,7 @@ class OpticServer:
             await self._drain(grace)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            if self._shm_dir is not None:
-                shutil.rmtree(self._shm_dir, ignore_errors=True)
+            self.remove_private_files()
             self._stopped.set()
             log.info("stopped")
 
@@ -345,6 +351,10 @@ def run(config: ServerConfig) -> None:
 
     async def main() -> None:
         # Built inside the loop: grpc.aio and the health servicer bind to the running loop.
-        await OpticServer(config).serve_forever()
+        server = OpticServer(config)
+        try:
+            await server.serve_forever()
+        finally:  # also when start() fails (a port in use), which never reaches stop()
+            server.remove_private_files()
 
     asyncio.run(main())

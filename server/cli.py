@@ -24,6 +24,7 @@ from optic.server.security import (
     load_tokens,
     server_credentials,
 )
+from optic.server.shm import DEFAULT_MAX_BYTES
 from optic.server.tasks.fair import CallLimits
 from optic.server.tasks.image import ImageLimits
 from optic.server.workers import SHM_REGISTRY_ENV, default_workers
@@ -120,6 +121,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=1024.0,
         help="request megabytes of the unary calls and stream items in flight; more get RESOURCE_EXHAUSTED",
+    )
+    b.add_argument(
+        "--max-shm-mb",
+        type=float,
+        default=DEFAULT_MAX_BYTES / 2**20,
+        help="with --allow-client-shm: megabytes of all registered shared-memory regions together",
     )
     b.add_argument("--max-streams", type=int, default=128, help="open streaming calls (Watch and reflection included)")
     b.add_argument("--stream-window", type=int, default=StreamLimits.window, help="items of one stream in flight")
@@ -245,6 +252,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_inflight": (1, 1_000_000),
     "max_streams": (1, 1_000_000),
     "max_inflight_mb": (1, 10**7),
+    "max_shm_mb": (0.001, 10**7),
     "stream_window": (1, 4096),
     "stream_window_mb": (0.01, 2047),
     "stream_idle_seconds": (0.1, 86_400),
@@ -328,6 +336,7 @@ def serve(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         allow_non_finite=args.allow_non_finite,
         allow_client_shm=args.allow_client_shm,
+        max_shm_bytes=int(args.max_shm_mb * 2**20),
         shm_registry=Path(registry) if registry else None,
         max_streams=args.max_streams,
         max_inflight_bytes=int(args.max_inflight_mb * 2**20),

@@ -69,6 +69,7 @@ def worst_case_memory(
     max_image_pixels: int,
     max_rle_runs: int,
     receiving: int | None = None,
+    shm_bytes: int = 0,
 ) -> dict[str, int]:
     """The most memory (bytes, above the idle process) the flags let clients make the server hold at once.
 
@@ -81,7 +82,9 @@ def worst_case_memory(
     - streams: per open stream, its window of answers written to a client that does not read them, and one
       more answer in gRPC's send buffer;
     - images: each worker holds one image (decoding, or post-processing a mask) at its original size;
-    - rle: each worker may build one answer's run-length counts.
+    - rle: each worker may build one answer's run-length counts;
+    - shm: with ``--allow-client-shm``, ``--max-shm-mb``: outputs written into sparse shared-memory objects allocate
+      their pages, charged to the server (inputs read from shared memory are in ``calls``).
     """
     in_receipt = max_concurrent_rpcs(max_inflight, max_streams) if receiving is None else receiving
     terms = {
@@ -90,5 +93,6 @@ def worst_case_memory(
         "streams": max_streams * (stream_window_bytes + max_message_bytes),
         "images": workers * max_image_pixels * IMAGE_BYTES_PER_PIXEL,
         "rle": workers * max_rle_runs * RLE_BYTES_PER_RUN,
+        "shm": shm_bytes,
     }
     return terms | {"total": sum(terms.values())}

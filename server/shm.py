@@ -15,8 +15,9 @@ Design choices, each for a bound or a failure mode:
 - **One registry per server, on disk.** ``--workers N`` processes share the port and the kernel spreads
   connections, not calls: a client that registers on one worker and reconnects (idle or age limits) lands on
   another. Every worker reads the same directory (private to the server, 0700); ``flock`` orders registrations.
-- **Bounded**: at most :data:`MAX_REGIONS` regions, names and keys of at most 255 bytes, and a call reads at most
-  ``--max-message-mb`` from shared memory, counted against ``--max-inflight-mb`` like a message's bytes.
+- **Bounded**: at most :data:`MAX_REGIONS` regions of at most ``--max-shm-mb`` together (an output written into a
+  sparse object allocates its pages, charged to the server), names and keys of at most 255 bytes, and a call reads
+  at most ``--max-message-mb`` from shared memory, counted against ``--max-inflight-mb`` like a message's bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from optic.server.errors import AlreadyExists, InvalidArgument, NotFound, Permis
 
 SHM_DIR = Path("/dev/shm")  # where glibc's shm_open keeps POSIX shared-memory objects on Linux
 MAX_REGIONS = 256
+DEFAULT_MAX_BYTES = 1 << 30  # --max-shm-mb: bytes of all registered regions together
 MAX_NAME_BYTES = 255
 DISABLED = "client shared memory is off: start the server with --allow-client-shm to use it"
 PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
@@ -61,6 +63,19 @@ class TensorRef:
     byte_size: int
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A tensor's reference resolved to its registered region once per call, before any work: the call then reads
+    and writes where it started, whatever is unregistered or registered again meanwhile."""
+
+    ref: TensorRef
+    region: Region
+
+    @property
+    def start(self) -> int:
+        return self.region.offset + self.ref.offset
+
+
 def _bounded(what: str, value: str) -> str:
     if not value or len(value.encode()) > MAX_NAME_BYTES or "\0" in value:
         raise InvalidArgument(f"{what} must be 1 to {MAX_NAME_BYTES} bytes without NUL, got {value[:64]!r}")
@@ -69,9 +84,12 @@ def _bounded(what: str, value: str) -> str:
 
 def object_path(key: str, shm_dir: Path = SHM_DIR) -> Path:
     """The file ``shm_open(key)`` names, with glibc's rules: leading slashes dropped, no other slash."""
-    name = _bounded("shared-memory key", key).lstrip("/")
-    if not name or "/" in name or name in (".", ".."):
-        raise InvalidArgument(f"shared-memory key {key[:64]!r} must be one name, like '/input0' (no other '/')")
+    name = key.lstrip("/")
+    if not name or "/" in name or name in (".", "..") or "\0" in name or len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidArgument(
+            f"shared-memory key {key[:64]!r} must be one name of 1 to {MAX_NAME_BYTES} bytes, like '/input0' "
+            "(no other '/', not '.' or '..')"
+        )
     return shm_dir / name
 
 
@@ -83,11 +101,11 @@ def _opened(path: Path, key: str, write: bool) -> Iterator[int]:
     except FileNotFoundError:
         raise NotFound(f"no shared-memory object with key {key[:64]!r}") from None
     except PermissionError:
-        raise PermissionDenied(f"the server may not open shared-memory object {key[:64]!r}") from None
-    except OSError as exc:  # a symlink (O_NOFOLLOW), a FIFO, too many open files...
+        raise PermissionDenied(f"the server may not open shared-memory object {key[:64]!r} to read and write") from None
+    except OSError as exc:  # a symlink (O_NOFOLLOW), a directory, too many open files...
         raise InvalidArgument(f"cannot open shared-memory object {key[:64]!r}: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opens (O_NONBLOCK: without waiting) and is refused here
             raise InvalidArgument(f"{key[:64]!r} is not a shared-memory object")
         yield fd
     finally:
@@ -95,10 +113,21 @@ def _opened(path: Path, key: str, write: bool) -> Iterator[int]:
 
 
 class SharedMemoryRegistry:
-    """The regions clients registered, in ``directory`` (one JSON file per region, named by the name's hash)."""
+    """The regions clients registered, in ``directory`` (one JSON file per region, named by the name's hash).
 
-    def __init__(self, directory: Path, shm_dir: Path = SHM_DIR, max_regions: int = MAX_REGIONS) -> None:
-        self.directory, self.shm_dir, self.max_regions = directory, shm_dir, max_regions
+    Registering and unregistering take an exclusive ``flock`` (callers run them off the event loop); lookups read
+    one small file and take no lock (files are replaced atomically).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        shm_dir: Path = SHM_DIR,
+        max_regions: int = MAX_REGIONS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.directory, self.shm_dir = directory, shm_dir
+        self.max_regions, self.max_bytes = max_regions, max_bytes
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _file(self, name: str) -> Path:
@@ -121,7 +150,7 @@ class SharedMemoryRegistry:
         path = object_path(key, self.shm_dir)
         if byte_size <= 0:
             raise InvalidArgument(f"region {name[:64]!r}: byte_size must be positive")
-        with _opened(path, key, write=False) as fd:
+        with _opened(path, key, write=True) as fd:  # read and write, as Triton opens it: refused now, not later
             size = os.fstat(fd).st_size
         if offset + byte_size > size:
             raise InvalidArgument(
@@ -132,16 +161,24 @@ class SharedMemoryRegistry:
             target = self._file(name)
             if target.exists():
                 raise AlreadyExists(f"shared-memory region {name[:64]!r} is already registered")
-            if len(self._regions()) >= self.max_regions:
+            regions = self.status()
+            if len(regions) >= self.max_regions:
                 raise ResourceExhausted(
                     f"the server holds its limit of {self.max_regions} shared-memory regions; unregister some first"
+                )
+            held = sum(r.byte_size for r in regions)
+            if held + byte_size > self.max_bytes:  # outputs written into a sparse object are the server's memory
+                raise ResourceExhausted(
+                    f"regions would hold {(held + byte_size) / 2**20:.1f} MB; the server allows "
+                    f"{self.max_bytes / 2**20:g} MB of registered regions (--max-shm-mb)"
                 )
             tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(Region(name, key, offset, byte_size))))
             tmp.replace(target)
 
     def unregister(self, name: str) -> None:
-        """Forget one region, or every region when ``name`` is empty (Triton's rule). Unknown names are no error."""
+        """Forget one region, or every region when ``name`` is empty (Triton's rule). Unknown names are no error.
+        Calls that resolved a region before it was unregistered finish with it."""
         with self._locked():
             for path in self._regions() if not name else [self._file(name)]:
                 path.unlink(missing_ok=True)
@@ -161,39 +198,47 @@ class SharedMemoryRegistry:
         except FileNotFoundError:
             raise NotFound(f"no shared-memory region named {name[:64]!r} is registered") from None
 
-    def _place(self, ref: TensorRef, length: int, what: str) -> tuple[Region, Path, int]:
+    def place(self, ref: TensorRef, what: str) -> Placed:
+        """Resolve a reference to its region and check that it lies inside it (``what``: input or output)."""
         region = self.get(ref.region)
         if ref.offset + ref.byte_size > region.byte_size:
             raise InvalidArgument(
                 f"{what} {ref.tensor[:64]!r}: offset {ref.offset} + byte_size {ref.byte_size} is past the end of "
                 f"region {ref.region[:64]!r} ({region.byte_size} bytes)"
             )
-        if length > ref.byte_size:
-            raise InvalidArgument(
-                f"{what} {ref.tensor[:64]!r} is {length} bytes; its shared_memory_byte_size is {ref.byte_size}"
-            )
-        return region, object_path(region.key, self.shm_dir), region.offset + ref.offset
+        return Placed(ref, region)
 
-    def read(self, ref: TensorRef) -> np.ndarray:
-        """The input's bytes, read into a fresh buffer (never a view: the client may overwrite the region)."""
-        region, path, start = self._place(ref, ref.byte_size, "input")
+    def read(self, placed: Placed) -> np.ndarray:
+        """The input's bytes, read into a fresh buffer (never a view: the client may overwrite the region). Done on
+        the caller's thread: at most --max-message-mb, as gRPC parses a message of that size on the event loop."""
+        ref, key = placed.ref, placed.region.key
         data = np.empty(ref.byte_size, dtype=np.uint8)
-        with _opened(path, region.key, write=False) as fd:
-            got = os.preadv(fd, [data.data], start)
-        if got != ref.byte_size:
-            raise InvalidArgument(
-                f"input {ref.tensor[:64]!r}: shared-memory object {region.key[:64]!r} now ends before the region does"
-            )
+        view, start = data.data, placed.start
+        with _opened(object_path(key, self.shm_dir), key, write=False) as fd:
+            while view:  # one read returns at most ~2 GiB on Linux
+                got = os.preadv(fd, [view], start)
+                if got == 0:
+                    raise InvalidArgument(
+                        f"input {ref.tensor[:64]!r}: shared-memory object {key[:64]!r} now ends before the region does"
+                    )
+                view, start = view[got:], start + got
         return data
 
-    def write(self, ref: TensorRef, data: bytes | memoryview) -> None:
-        region, path, start = self._place(ref, len(data), "output")
-        with _opened(path, region.key, write=True) as fd:
-            if os.fstat(fd).st_size < start + len(data):  # pwrite would grow the client's object
+    def write(self, placed: Placed, data: bytes) -> None:
+        ref, key = placed.ref, placed.region.key
+        if len(data) > ref.byte_size:
+            raise InvalidArgument(
+                f"output {ref.tensor[:64]!r} is {len(data)} bytes; its shared_memory_byte_size is {ref.byte_size}"
+            )
+        start = placed.start
+        with _opened(object_path(key, self.shm_dir), key, write=True) as fd:
+            # pwrite past the end would grow the client's object. Best effort: an object truncated between this
+            # check and the write does grow (back to the region's end at most).
+            if os.fstat(fd).st_size < start + len(data):
                 raise InvalidArgument(
-                    f"output {ref.tensor[:64]!r}: shared-memory object {region.key[:64]!r} now ends before the region"
+                    f"output {ref.tensor[:64]!r}: shared-memory object {key[:64]!r} now ends before the region does"
                 )
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
             while view:
                 try:
                     written = os.pwrite(fd, view, start)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,22 +37,31 @@ OUT_BYTES = 9 * 3024 * 4
 REF = DETECTOR.run(None, {"images": X})[0]
 
 
+def _private_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("optic-shm-*"))
+
+
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    before = _private_dirs()
     s = start_server(
         tmp_path_factory.mktemp("shm"),
         "--allow-client-shm",
         "--max-message-mb",
         "4",  # a batch of three detector images (5.3 MB) is more than a call may read
+        "--max-inflight-mb",
+        "3",  # one detector image (1.77 MB) fits, two at once do not
+        "--max-shm-mb",
+        "16",
         "--model-control-mode",
         "explicit",
-        "--load-model",
-        "detector",
-        "--load-model",
-        "classifier",
+        *("--load-model", "detector", "--load-model", "classifier", "--load-model", "captioner_decoder"),
     )
+    (registry,) = _private_dirs() - before  # the server's own registry, private to it
+    assert registry.stat().st_mode & 0o777 == 0o700
     yield s
     assert s.stop() == 0, s.log()
+    assert not registry.exists()
 
 
 @pytest.fixture
@@ -142,19 +153,29 @@ def test_offsets_within_an_object_and_a_region(client, regions):
         np.testing.assert_allclose(got, DETECTOR.run(None, {"images": image})[0], rtol=1e-4, atol=1e-4)
 
 
-def test_stream_items_read_shared_memory(client, regions, srv):
-    handle = _make(regions, "stream", X.nbytes)
-    shm.set_shared_memory_region(handle, [X])
-    client.register_system_shared_memory("stream", _key("stream"), X.nbytes)
+def test_stream_items_use_shared_memory(client, regions, srv):
+    """ModelStreamInfer items with inputs and outputs in shared memory: three classifier images (2.4 MB, inside
+    this server's --max-inflight-mb 3 together), each answer written at its own offset."""
+    classifier = ort.InferenceSession(str(MODEL_REPO / "classifier" / "1" / "model.onnx"))
+    images = np.random.default_rng(6).random((3, 1, 3, 256, 256), dtype=np.float32)
+    logits = 4 * classifier.get_outputs()[0].shape[1]
+    handle = _make(regions, "stream", images.nbytes + 3 * logits)
+    shm.set_shared_memory_region(handle, list(images))
+    client.register_system_shared_memory("stream", _key("stream"), images.nbytes + 3 * logits)
     answers: list = []
     with tc.InferenceServerClient(srv.url) as streamer:
         streamer.start_stream(callback=lambda result, error: answers.append(error or result))
-        for _ in range(4):
-            streamer.async_stream_infer("detector", [_shm_input("stream", X.nbytes)])
+        for k in range(3):
+            inp = tc.InferInput("images", [1, 3, 256, 256], "FP32")
+            inp.set_shared_memory("stream", images[k].nbytes, offset=k * images[k].nbytes)
+            out = tc.InferRequestedOutput("logits")
+            out.set_shared_memory("stream", logits, offset=images.nbytes + k * logits)
+            streamer.async_stream_infer("classifier", [inp], outputs=[out])
         streamer.stop_stream()
-    assert len(answers) == 4
-    for answer in answers:
-        np.testing.assert_allclose(answer.as_numpy("detections"), REF, rtol=1e-4, atol=1e-4)
+    assert len(answers) == 3 and not [a for a in answers if isinstance(a, InferenceServerException)], answers
+    for k in range(3):
+        got = shm.get_contents_as_numpy(handle, np.float32, [1, logits // 4], offset=images.nbytes + k * logits)
+        np.testing.assert_allclose(got, classifier.run(None, {"images": images[k]})[0], rtol=1e-4, atol=1e-4)
 
 
 def test_registration_errors(client, regions, stub):
@@ -164,7 +185,18 @@ def test_registration_errors(client, regions, stub):
         grpc.StatusCode.NOT_FOUND,
         "no shared-memory object with key '/optic_no_such_object'",
     )
-    for key in ("/a/b", "/../etc/passwd", "..", "/", ""):
+    os.symlink(SHM_DIR / _key("small").lstrip("/"), SHM_DIR / _key("link").lstrip("/"))
+    os.mkfifo(SHM_DIR / _key("fifo").lstrip("/"))
+    os.mkdir(SHM_DIR / _key("dir").lstrip("/"))
+    try:
+        for tag in ("link", "fifo", "dir"):  # O_NOFOLLOW, a FIFO opened without waiting, a directory: all refused
+            code, message = _code(lambda tag=tag: register(name="a", key=_key(tag), byte_size=8))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (tag, message)
+    finally:
+        for tag in ("link", "fifo"):
+            os.unlink(SHM_DIR / _key(tag).lstrip("/"))
+        os.rmdir(SHM_DIR / _key("dir").lstrip("/"))
+    for key in ("/a/b", "/../etc/passwd", "..", ".", "/", "", "/" + "k" * 256, "/a\0b"):
         code, message = _code(lambda key=key: register(name="a", key=key, byte_size=8))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (key, message)
     code, message = _code(lambda: register(name="a", key=_key("small"), byte_size=1001))
@@ -173,6 +205,12 @@ def test_registration_errors(client, regions, stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "past the end" in message
     assert _code(lambda: register(name="a", key=_key("small"), byte_size=0))[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: register(name="", key=_key("small"), byte_size=8))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        _code(lambda: register(name="n" * 256, key=_key("small"), byte_size=8))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    _make(regions, "big", 17 << 20)
+    code, message = _code(lambda: register(name="big", key=_key("big"), byte_size=17 << 20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-shm-mb" in message, message
     register(name="a", key=_key("small"), byte_size=1000)
     assert _code(lambda: register(name="a", key=_key("small"), byte_size=10)) == (
         grpc.StatusCode.ALREADY_EXISTS,
@@ -240,10 +278,25 @@ def test_infer_errors_name_what_is_wrong(client, regions, stub):
     tensor.parameters["shared_memory_region"].string_param = "in"
     code, message = _code(lambda: stub.ModelInfer(request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs both" in message
+    tensor.parameters["shared_memory_byte_size"].string_param = "1769472"
+    code, message = _code(lambda: stub.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "must be a non-negative integer" in message
     tensor.parameters["shared_memory_byte_size"].int64_param = X.nbytes
+    tensor.parameters["shared_memory_offset"].int64_param = -4
+    code, message = _code(lambda: stub.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "must be a non-negative integer" in message
+    del tensor.parameters["shared_memory_offset"]
     tensor.contents.fp32_contents.extend([0.0])
     code, message = _code(lambda: stub.ModelInfer(request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "typed contents" in message
+
+    # A region that cannot take the output is refused before the model runs.
+    runs = client.get_inference_statistics("detector").model_stats[0].inference_count
+    out = tc.InferRequestedOutput("detections")
+    out.set_shared_memory("tiny", OUT_BYTES)
+    status, message = infer([_shm_input("in", X.nbytes)], [out])
+    assert status == "StatusCode.INVALID_ARGUMENT" and "past the end of region 'tiny'" in message
+    assert client.get_inference_statistics("detector").model_stats[0].inference_count == runs
 
 
 def test_a_truncated_object_is_refused_and_the_server_lives(client, regions, srv):
@@ -290,9 +343,10 @@ def test_off_unless_allowed(server):
     """The default server (no --allow-client-shm) refuses every use, naming the flag."""
     with tc.InferenceServerClient(server.url) as c:
         assert "system_shared_memory" not in c.get_server_metadata().extensions
+        assert not c.get_system_shared_memory_status().regions  # Triton answers an empty list too
         for call in (
             lambda: c.register_system_shared_memory("x", "/x", 8),
-            lambda: c.get_system_shared_memory_status(),
+            lambda: c.unregister_system_shared_memory(),
             lambda: c.infer("detector", [_shm_input("x", X.nbytes)]),
         ):
             with pytest.raises(InferenceServerException) as info:
@@ -350,3 +404,82 @@ def test_workers_share_one_registry(tmp_path, regions):
                 c.infer("detector", [_shm_input("w", X.nbytes)])
     finally:
         assert s.stop() == 0, s.log()
+
+
+def test_some_inputs_in_shared_memory_the_rest_raw_or_typed(client, regions, stub):
+    """The captioner's decoder step has four inputs: ``features`` in shared memory, the others in the message
+    (raw_input_contents then holds one entry per input not in shared memory, in order, as in Triton)."""
+    decoder = ort.InferenceSession(str(MODEL_REPO / "captioner_decoder" / "1" / "model.onnx"))
+    rng = np.random.default_rng(9)
+    feeds = {
+        "token": np.array([1, 2], dtype=np.int64),
+        "h": rng.standard_normal((2, 192)).astype(np.float32),
+        "c": rng.standard_normal((2, 192)).astype(np.float32),
+        "features": rng.standard_normal((2, 320, 96)).astype(np.float32),
+    }
+    want = dict(zip(["logits", "h_out", "c_out"], decoder.run(None, feeds), strict=True))
+    handle = _make(regions, "feat", feeds["features"].nbytes)
+    shm.set_shared_memory_region(handle, [feeds["features"]])
+    client.register_system_shared_memory("feat", _key("feat"), feeds["features"].nbytes)
+
+    made = []
+    for name in ("features", "token", "h", "c"):  # the shared-memory input first: raw entries skip it
+        array = feeds[name]
+        inp = tc.InferInput(name, list(array.shape), "INT64" if name == "token" else "FP32")
+        if name == "features":
+            inp.set_shared_memory("feat", array.nbytes)
+        else:
+            inp.set_data_from_numpy(array)  # raw_input_contents
+        made.append(inp)
+    result = client.infer("captioner_decoder", made)
+    for name, array in want.items():
+        np.testing.assert_allclose(result.as_numpy(name), array, rtol=1e-4, atol=1e-4)
+
+    # The others as typed contents (tritonclient always sends raw, so the request is built by hand).
+    request = pb.ModelInferRequest(model_name="captioner_decoder")
+    for name in ("token", "h", "c", "features"):
+        array = feeds[name]
+        tensor = request.inputs.add(name=name, datatype="INT64" if name == "token" else "FP32", shape=array.shape)
+        if name == "features":
+            tensor.parameters["shared_memory_region"].string_param = "feat"
+            tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+        else:
+            field = tensor.contents.int64_contents if name == "token" else tensor.contents.fp32_contents
+            field.extend(array.ravel().tolist())
+    reply = stub.ModelInfer(request)
+    for k, output in enumerate(reply.outputs):
+        got = np.frombuffer(reply.raw_output_contents[k], np.float32).reshape(output.shape)
+        np.testing.assert_allclose(got, want[output.name], rtol=1e-4, atol=1e-4)
+
+    # Typed contents on an input that is also in shared memory are refused, whichever input it is.
+    request.inputs[3].contents.fp32_contents.extend(feeds["features"].ravel().tolist())
+    code, message = _code(lambda: stub.ModelInfer(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'features' has typed contents" in message
+
+
+def test_shared_memory_bytes_count_in_the_inflight_budget(client, regions, srv):
+    """--max-inflight-mb 3: one 1.77 MB detector input in shared memory fits, two at once do not. The messages
+    are a few hundred bytes, so only the shared-memory bytes can cause the refusals."""
+    handle = _make(regions, "budget", X.nbytes)
+    shm.set_shared_memory_region(handle, [X])
+    client.register_system_shared_memory("budget", _key("budget"), X.nbytes)
+    outcomes: list[str] = []
+
+    def caller() -> None:
+        with tc.InferenceServerClient(srv.url) as own:
+            for _ in range(15):
+                try:
+                    own.infer("detector", [_shm_input("budget", X.nbytes)])
+                    outcomes.append("ok")
+                except InferenceServerException as exc:
+                    outcomes.append(f"{exc.status()} {exc.message()}")
+
+    threads = [threading.Thread(target=caller) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [o for o in outcomes if o != "ok"]
+    assert refused and all("RESOURCE_EXHAUSTED" in o and "--max-inflight-mb" in o for o in refused), refused[:3]
+    assert "ok" in outcomes
+    client.infer("detector", [_shm_input("budget", X.nbytes)])  # nothing held back: a lone call fits again

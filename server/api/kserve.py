@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
@@ -21,8 +20,8 @@ from optic.server.handlers import fail
 from optic.server.metadata import MODEL_NAME
 from optic.server.metrics import Duration, ModelStats
 from optic.server.repository import ModelRepository, ServedModel, printable
-from optic.server.shm import DISABLED, SharedMemoryRegistry, TensorRef, tensor_refs
-from optic.server.tensors import CONTENTS_FIELD, DATATYPES, check_shape, from_contents, from_raw, to_raw
+from optic.server.shm import DISABLED, Placed, SharedMemoryRegistry
+from optic.server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
 MAX_CLASSIFICATION = 1000
@@ -32,20 +31,21 @@ def decode_inputs(
     request: pb.ModelInferRequest,
     model: ServedModel,
     allow_non_finite: bool = False,
-    refs: Mapping[str, TensorRef] | None = None,
+    refs: Mapping[str, Placed] | None = None,
     shm: SharedMemoryRegistry | None = None,
 ) -> dict[str, np.ndarray]:
     """Validate the request's tensors against the model's inputs and decode them.
 
-    ``refs``: the inputs in shared memory (read from ``shm``); ``raw_input_contents`` holds the others, in order.
+    ``refs``: the inputs in shared memory, placed in their regions (read from ``shm``); ``raw_input_contents``
+    holds the others, in order.
     NaN and infinity are refused unless allowed: in an image model's input they are a client bug
     (a division by zero in normalisation), and would come back as NaN scores that look like answers.
     """
     specs = {s.name: s for s in model.inputs}
     refs = refs or {}
     raw = request.raw_input_contents
-    typed = next((t.name for t in request.inputs if t.HasField("contents")), None)
-    if typed is not None and (raw or typed in refs):  # one way per input (Triton refuses the same)
+    typed = next((t.name for t in request.inputs if t.HasField("contents") and (raw or t.name in refs)), None)
+    if typed is not None:  # one way per input (Triton refuses the same)
         raise InvalidArgument(
             f"input {typed[:64]!r} has typed contents while the request also has "
             f"{'shared memory' if typed in refs else 'raw_input_contents'} for it; send every input one way"
@@ -105,18 +105,11 @@ def decode_inputs(
 
 
 def _from_shm(
-    name: str, datatype: str, shape: list[int], ref: TensorRef, shm: SharedMemoryRegistry | None
+    name: str, datatype: str, shape: list[int], placed: Placed, shm: SharedMemoryRegistry | None
 ) -> np.ndarray:
     if shm is None:
         raise Unimplemented(DISABLED)
-    if datatype != "BYTES":
-        needed = math.prod(check_shape(name, shape)) * DATATYPES[datatype].itemsize
-        if ref.byte_size != needed:  # before reading: the size is the client's word, the shape the model's
-            raise InvalidArgument(
-                f"input {name!r}: shared_memory_byte_size is {ref.byte_size}, but shape {shape[:16]} of {datatype} "
-                f"needs {needed}"
-            )
-    return from_raw(name, datatype, shape, shm.read(ref).data)
+    return from_raw(name, datatype, shape, shm.read(placed).data)
 
 
 def tensor_metadata(model: ServedModel, kind: str) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -198,13 +191,8 @@ class KServeServicer(SharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer):
                 )
             top_k = {o.name: _classification_k(o) for o in request.outputs}
             queue_timeout = _queue_timeout(request, model)
-            in_shm, out_shm = tensor_refs("input", request.inputs), tensor_refs("output", request.outputs)
-            if (in_shm or out_shm) and self._shm is None:
-                raise Unimplemented(DISABLED)
-            both = next((n for n in out_shm if top_k.get(n)), None)
-            if both is not None:
-                raise InvalidArgument(f"output {both[:64]!r}: set 'classification' or shared memory, not both")
-            with self._shm_bytes(sum(r.byte_size for r in in_shm.values())):
+            in_shm, out_shm = self._placed(request, top_k)
+            with self._shm_bytes(sum(p.ref.byte_size for p in in_shm.values())):
                 inputs = decode_inputs(request, model, self._allow_non_finite, in_shm, self._shm)
                 outputs = await model.infer(inputs, timeout, queue_timeout)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)

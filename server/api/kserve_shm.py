@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
@@ -10,10 +12,26 @@ import grpc
 from optic.proto.inference import grpc_service_pb2 as pb
 from optic.server.admission import Admission
 from optic.server.api.common import rpc
-from optic.server.errors import ResourceExhausted, Unimplemented
-from optic.server.shm import DISABLED, SharedMemoryRegistry
+from optic.server.errors import InvalidArgument, ResourceExhausted, Unimplemented
+from optic.server.shm import DISABLED, Placed, SharedMemoryRegistry, TensorRef, tensor_refs
+from optic.server.tensors import DATATYPES, check_shape
 
 NO_CUDA_SHM = "CUDA shared memory is not offered: pass tensors in system shared memory (--allow-client-shm) instead"
+
+
+def check_shm_sizes(request: pb.ModelInferRequest, refs: Mapping[str, TensorRef]) -> None:
+    """Each input's ``shared_memory_byte_size`` against its shape, before any read or byte budget: the size is the
+    client's word, and a wrong one is INVALID_ARGUMENT, not a retryable RESOURCE_EXHAUSTED."""
+    for tensor in request.inputs:
+        ref = refs.get(tensor.name)
+        if ref is None or tensor.datatype not in DATATYPES or tensor.datatype == "BYTES":
+            continue  # unknown datatypes are refused while decoding; BYTES elements have their own lengths
+        needed = math.prod(check_shape(tensor.name, tensor.shape)) * DATATYPES[tensor.datatype].itemsize
+        if ref.byte_size != needed:
+            raise InvalidArgument(
+                f"input {tensor.name[:64]!r}: shared_memory_byte_size is {ref.byte_size}, but shape "
+                f"{list(tensor.shape)[:16]} of {tensor.datatype} needs {needed}"
+            )
 
 
 class SharedMemoryRpcs:
@@ -22,6 +40,24 @@ class SharedMemoryRpcs:
     _shm: SharedMemoryRegistry | None  # None: --allow-client-shm is off
     _admission: Admission
     _max_shm_read: int  # a call reads no more from shared memory than a message may hold
+
+    def _placed(
+        self, request: pb.ModelInferRequest, top_k: dict[str, int]
+    ) -> tuple[dict[str, Placed], dict[str, Placed]]:
+        """The request's inputs and outputs in shared memory, each resolved to its region once, before any work:
+        a missing or too small region is refused before the model runs."""
+        inputs, outputs = tensor_refs("input", request.inputs), tensor_refs("output", request.outputs)
+        if not inputs and not outputs:
+            return {}, {}
+        shm = self._registry()
+        both = next((n for n in outputs if top_k.get(n)), None)
+        if both is not None:
+            raise InvalidArgument(f"output {both[:64]!r}: set 'classification' or shared memory, not both")
+        check_shm_sizes(request, inputs)
+        return (
+            {n: shm.place(r, "input") for n, r in inputs.items()},
+            {n: shm.place(r, "output") for n, r in outputs.items()},
+        )
 
     @contextmanager
     def _shm_bytes(self, size: int) -> Iterator[None]:
@@ -54,7 +90,9 @@ class SharedMemoryRpcs:
         self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryStatusResponse:
         status = pb.SystemSharedMemoryStatusResponse.RegionStatus
-        regions = self._registry().status(request.name)
+        if self._shm is None:  # Triton answers an empty list when client shared memory is off
+            return pb.SystemSharedMemoryStatusResponse()
+        regions = await asyncio.to_thread(self._shm.status, request.name)
         return pb.SystemSharedMemoryStatusResponse(
             regions={r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size) for r in regions}
         )
@@ -63,14 +101,16 @@ class SharedMemoryRpcs:
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        self._registry().register(request.name, request.key, request.offset, request.byte_size)
+        # Off the event loop: registering waits for the registry's lock, which another worker may hold.
+        shm = self._registry()
+        await asyncio.to_thread(shm.register, request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc("SystemSharedMemoryUnregister")
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._registry().unregister(request.name)
+        await asyncio.to_thread(self._registry().unregister, request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc("CudaSharedMemoryStatus")
