@@ -39,7 +39,7 @@ from optic.server.repository import ModelRepository
 from optic.server.runtime import RuntimeOptions, default_threads
 from optic.server.scheduler import BatchingConfig
 from optic.server.security import SecurityConfig, TokenAuth, load_tokens, server_credentials
-from optic.server.shm import DEFAULT_MAX_BYTES, SharedMemoryRegistry
+from optic.server.shm import DEFAULT_MAX_BYTES, KEPT_READ_BYTES, SharedMemoryRegistry
 from optic.server.tasks.fair import CallLimits, FairExecutor
 from optic.server.tasks.image import ImageLimits
 
@@ -195,7 +195,7 @@ class OpticServer:
             workers=c.preprocess_threads or default_threads(),
             max_image_pixels=c.image_limits.max_pixels,
             max_rle_runs=c.call_limits.max_rle_runs,
-            shm_bytes=c.max_shm_bytes if c.allow_client_shm else 0,
+            shm_bytes=c.max_shm_bytes + KEPT_READ_BYTES if c.allow_client_shm else 0,
         )
 
     async def _set_health(self, status: int) -> None:

@@ -84,7 +84,7 @@ def worst_case_memory(
     - images: each worker holds one image (decoding, or post-processing a mask) at its original size;
     - rle: each worker may build one answer's run-length counts;
     - shm: with ``--allow-client-shm``, ``--max-shm-mb``: outputs written into sparse shared-memory objects allocate
-      their pages, charged to the server (inputs read from shared memory are in ``calls``).
+      their pages, charged to the server; plus the read buffers kept for reuse (inputs being read are in ``calls``).
     """
     in_receipt = max_concurrent_rpcs(max_inflight, max_streams) if receiving is None else receiving
     terms = {

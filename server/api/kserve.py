@@ -15,12 +15,12 @@ from optic.server.api.common import CallInfo, counted, rpc, time_left
 from optic.server.api.kserve_shm import SharedMemoryRpcs
 from optic.server.api.streams import StreamLimits, in_order
 from optic.server.config import PLATFORM
-from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError, Unimplemented
+from optic.server.errors import FailedPrecondition, InvalidArgument, NotFound, OpticError
 from optic.server.handlers import fail
 from optic.server.metadata import MODEL_NAME
 from optic.server.metrics import Duration, ModelStats
 from optic.server.repository import ModelRepository, ServedModel, printable
-from optic.server.shm import DISABLED, Placed, SharedMemoryRegistry
+from optic.server.shm import SharedMemoryRegistry
 from optic.server.tensors import CONTENTS_FIELD, DATATYPES, from_contents, from_raw, to_raw
 
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
@@ -31,18 +31,17 @@ def decode_inputs(
     request: pb.ModelInferRequest,
     model: ServedModel,
     allow_non_finite: bool = False,
-    refs: Mapping[str, Placed] | None = None,
-    shm: SharedMemoryRegistry | None = None,
+    shm_data: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Validate the request's tensors against the model's inputs and decode them.
 
-    ``refs``: the inputs in shared memory, placed in their regions (read from ``shm``); ``raw_input_contents``
-    holds the others, in order.
+    ``shm_data``: the bytes of the inputs in shared memory, already read; ``raw_input_contents`` holds the others,
+    in order.
     NaN and infinity are refused unless allowed: in an image model's input they are a client bug
     (a division by zero in normalisation), and would come back as NaN scores that look like answers.
     """
     specs = {s.name: s for s in model.inputs}
-    refs = refs or {}
+    refs = shm_data or {}
     raw = request.raw_input_contents
     typed = next((t.name for t in request.inputs if t.HasField("contents") and (raw or t.name in refs)), None)
     if typed is not None:  # one way per input (Triton refuses the same)
@@ -79,9 +78,9 @@ def decode_inputs(
                 f"input {tensor.name!r} has shape {shape[:16]}; model {model.name!r} expects "
                 f"{list(spec.shape)} (-1: any size)"
             )
-        ref = refs.get(tensor.name)
-        if ref is not None:
-            decoded[tensor.name] = _from_shm(tensor.name, tensor.datatype, shape, ref, shm)
+        data = refs.get(tensor.name)
+        if data is not None:
+            decoded[tensor.name] = from_raw(tensor.name, tensor.datatype, shape, data.data)
         elif raw:
             decoded[tensor.name] = from_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
             raw_index += 1
@@ -102,14 +101,6 @@ def decode_inputs(
     if missing:
         raise InvalidArgument(f"model {model.name!r} needs input(s) {', '.join(missing)}")
     return decoded
-
-
-def _from_shm(
-    name: str, datatype: str, shape: list[int], placed: Placed, shm: SharedMemoryRegistry | None
-) -> np.ndarray:
-    if shm is None:
-        raise Unimplemented(DISABLED)
-    return from_raw(name, datatype, shape, shm.read(placed).data)
 
 
 def tensor_metadata(model: ServedModel, kind: str) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -193,8 +184,11 @@ class KServeServicer(SharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer):
             queue_timeout = _queue_timeout(request, model)
             in_shm, out_shm = self._placed(request, top_k)
             with self._shm_bytes(sum(p.ref.byte_size for p in in_shm.values())):
-                inputs = decode_inputs(request, model, self._allow_non_finite, in_shm, self._shm)
+                shm_data = {n: self._shm.read(p) for n, p in in_shm.items()} if self._shm is not None else {}
+                inputs = decode_inputs(request, model, self._allow_non_finite, shm_data)
                 outputs = await model.infer(inputs, timeout, queue_timeout)
+                if self._shm is not None and shm_data:
+                    self._shm.recycle(shm_data.values())
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name in wanted:
             array = outputs[name]
