@@ -318,14 +318,22 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+MMAP_THRESHOLD = 8 << 20
+
+
 def _return_freed_memory() -> None:
     """glibc's allocator raises its mmap threshold after large blocks are freed, and then keeps later large
     buffers (request messages, images, tensors) in its heap after they are freed: a burst of big requests leaves
-    the process big. A fixed threshold of 1 MiB keeps every large buffer in its own mapping, returned on free."""
+    the process big. A fixed threshold keeps every buffer above it in its own mapping, returned on free; smaller
+    ones go back within 5 s (:func:`_trim_forever`).
+
+    Not lower: a buffer in its own mapping faults its pages in one by one every time. At 1 MiB, a lone 1.77 MB
+    detector tensor (copied twice on its way in) took 4.3 ms over the in-process run; at 8 MiB 1.9 ms (ad hoc,
+    docs/benchmarks.md). 8 MiB holds one 640x640 FP32 image (4.9 MB), Ultralytics' default input."""
     libc = _glibc()
     if libc is not None:
         m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
         libc.mallopt(m_trim_threshold, 8 << 20)
 
 
