@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPO = ROOT / "model_repo"
@@ -41,6 +43,22 @@ def input_side(name: str) -> int:
 
 
 SIDE = input_side("classifier")  # the committed classifier's input: KServe tests build [N, 3, SIDE, SIDE] tensors
+
+
+def scrape(url: str) -> str:
+    """A server's (or supervisor's) /metrics text."""
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def metric_values(text: str, sample: str, **labels: str) -> list[float]:
+    """The values /metrics ``text`` gives the samples named ``sample`` whose labels include ``labels``, read with
+    prometheus-client's own parser (the one way the tests read metrics)."""
+    return [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ from optic.proto.inference import grpc_service_pb2 as kpb
 from optic.proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
-from tests.conftest import MODEL_REPO, ROOT, SIDE, encode, free_port, start_server
+from tests.conftest import MODEL_REPO, ROOT, SIDE, encode, free_port, metric_values, scrape, start_server
 from tests.test_hostile import rss_mb
 
 IMAGE = encode(make_scenes(1, seed=3)[0].image)
@@ -224,13 +224,9 @@ def test_admission_counts_a_request_by_the_bytes_it_arrived_as(tmp_path, path):
     assert max(seen) == len(wire), f"largest bytes in flight seen {max(seen):.0f}; the request was {len(wire)}"
 
 
-BYTES_GAUGE = 'optic_admission_inflight{kind="bytes"}'
-
-
 def bytes_in_flight(metrics_url: str) -> list[float]:
     """The admission gauge of request bytes in flight, as /metrics says now."""
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    return [float(line.split()[-1]) for line in text.splitlines() if line.startswith(BYTES_GAUGE)]
+    return metric_values(scrape(metrics_url), "optic_admission_inflight", kind="bytes")
 
 
 # ---------------------------------------------------------------- 2. idle streams lock nobody out

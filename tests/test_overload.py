@@ -11,18 +11,16 @@ README's reliability section.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
 
-from tests.conftest import ROOT, RunningServer, start_server
+from tests.conftest import ROOT, RunningServer, metric_values, scrape, start_server
 from tests.test_hostile import rss_mb
 
 MAX_INFLIGHT = 32
@@ -52,20 +50,16 @@ class Sampler(threading.Thread):
         self.health: list[float] = []  # seconds per health check (exempt from --max-inflight)
         self.halt = threading.Event()
 
-    @staticmethod
-    def _total(text: str, metric: str) -> float:
-        return sum(float(m) for m in re.findall(rf"^{metric}{{[^}}]*}} (\S+)$", text, re.M))
-
     def run(self) -> None:
         started = time.monotonic()
         while not self.halt.is_set():
-            text = urllib.request.urlopen(self.srv.metrics_url, timeout=5).read().decode()
+            text = scrape(self.srv.metrics_url)
             self.samples.append(
                 (
                     time.monotonic() - started,
                     rss_mb(self.srv.proc.pid),
-                    self._total(text, "optic_queue_size"),
-                    self._total(text, "optic_inflight_requests"),
+                    sum(metric_values(text, "optic_queue_size")),
+                    sum(metric_values(text, "optic_inflight_requests")),
                 )
             )
             begun = time.monotonic()

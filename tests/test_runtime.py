@@ -185,13 +185,11 @@ def test_no_narrow_lane_on_cuda(monkeypatch):
 @pytest.mark.skipif(runtime.default_threads() < 2, reason="a narrow lane needs 2 or more cores")
 def test_concurrent_calls_take_the_narrow_lane_and_get_the_lone_answers(tmp_path):
     """The default server runs two batches at once on 2+ cores; the stock Triton client's answers do not change."""
-    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     import tritonclient.grpc as tc
-    from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.conftest import start_server
+    from tests.conftest import metric_values, scrape, start_server
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -214,13 +212,8 @@ def test_concurrent_calls_take_the_narrow_lane_and_get_the_lone_answers(tmp_path
             together = list(pool.map(infer, range(160)))
         for i, logits in enumerate(together):
             np.testing.assert_allclose(logits, lone[i % 8], atol=1e-4)
-        text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
-        runs = {
-            sample.labels["lane"]: sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "optic_lane_runs_total"
-        }
+        text = scrape(srv.metrics_url)
+        runs = {lane: sum(metric_values(text, "optic_lane_runs_total", lane=lane)) for lane in ("wide", "narrow")}
         assert runs["wide"] >= 8 and runs["narrow"] > 0, runs
     finally:
         assert srv.stop() == 0, srv.log()

@@ -7,7 +7,6 @@ import os
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +16,12 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.utils.shared_memory as shm
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from optic.server.admission import Admission
-from tests.conftest import MODEL_REPO, RunningServer, start_server
+from tests.conftest import MODEL_REPO, RunningServer, metric_values, scrape, start_server
 from tests.test_workers import children, cpu_seconds, wait_for
 
 SHM_DIR = Path("/dev/shm")
@@ -329,14 +327,9 @@ def test_no_descriptor_or_byte_budget_is_left_behind(client, regions, srv):
     for _ in range(50):
         client.infer("detector", [_shm_input("leak", X.nbytes)], outputs=[out])
     assert len(os.listdir(f"/proc/{srv.proc.pid}/fd")) <= fds
-    text = urllib.request.urlopen(srv.metrics_url, timeout=5).read().decode()
-    gauges = {
-        s.labels.get("kind"): s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "optic_admission_inflight"
-        for s in f.samples
-    }
-    assert gauges["bytes"] == 0 and gauges["inflight"] == 0
+    text = scrape(srv.metrics_url)
+    gauges = {kind: metric_values(text, "optic_admission_inflight", kind=kind) for kind in ("bytes", "inflight")}
+    assert gauges == {"bytes": [0.0], "inflight": [0.0]}
 
 
 def test_off_unless_allowed(server):

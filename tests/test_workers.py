@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from optic.proto.optic.v1 import vision_pb2 as pb
 from optic.proto.optic.v1 import vision_pb2_grpc as pb_grpc
-from tests.conftest import MODEL_REPO, ROOT, encode, free_port, start_server
+from tests.conftest import MODEL_REPO, ROOT, encode, free_port, metric_values, scrape, start_server
 
 IMAGE = encode(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8), "JPEG")
 
@@ -44,9 +43,8 @@ def classify_over_new_connections(url: str, connections: int, per_connection: in
     return done
 
 
-def metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+def metric(url: str, name: str, **labels: str) -> float:
+    return sum(metric_values(scrape(url), name, **labels))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -70,8 +68,8 @@ def test_workers_share_the_port_sum_their_metrics_restart_and_drain(tmp_path):
         used = {w: cpu_seconds(w) - before[w] for w in workers}
         assert all(u > 0.05 for u in used.values()), f"a worker served nothing: CPU seconds {used}"
         metrics_url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
-        assert metric(metrics_url, 'optic_requests_total{code="OK",method="Classify"') == calls
-        assert metric(metrics_url, 'optic_model_ready{model="classifier"') == 1.0
+        assert metric(metrics_url, "optic_requests_total", code="OK", method="Classify") == calls
+        assert metric(metrics_url, "optic_model_ready", model="classifier") == 1.0
 
         os.kill(workers[0], signal.SIGKILL)  # a crash: the supervisor starts a new worker
         assert wait_for(lambda: len(children(srv.proc.pid)) == 2 and workers[0] not in children(srv.proc.pid), 30)
