@@ -31,7 +31,6 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -43,7 +42,6 @@ DEFAULT_MAX_BYTES = 1 << 30  # --max-shm-mb: bytes of all registered regions tog
 KEPT_READ_BYTES = 64 << 20  # read buffers kept for the next call of the same size
 MAX_NAME_BYTES = 255
 DISABLED = "client shared memory is off: start the server with --allow-client-shm to use it"
-PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 @dataclass(frozen=True)
@@ -278,37 +276,3 @@ class SharedMemoryRegistry:
                 except OSError as exc:  # ENOSPC: the object was sparse and /dev/shm is full
                     raise ResourceExhausted(f"output {ref.tensor[:64]!r}: {exc.strerror}") from None
                 view, start = view[written:], start + written
-
-
-def _value(parameter: object) -> object:
-    choice = parameter.WhichOneof("parameter_choice")  # type: ignore[attr-defined]
-    return getattr(parameter, choice) if choice else None
-
-
-def tensor_refs(kind: str, tensors: Iterable[Any]) -> dict[str, TensorRef]:
-    """The inputs or requested outputs (``kind``) that name a shared-memory region, by tensor name.
-
-    Triton's rules: ``shared_memory_region`` and ``shared_memory_byte_size`` come together, the offset is optional.
-    """
-    refs: dict[str, TensorRef] = {}
-    for tensor in tensors:
-        params = tensor.parameters
-        given = [p for p in PARAMETERS if p in params]
-        if not given:
-            continue
-        region, size, offset = (_value(params[p]) if p in params else None for p in PARAMETERS)
-        name = tensor.name[:64]
-        if region is None or size is None:
-            raise InvalidArgument(
-                f"{kind} {name!r}: shared memory needs both 'shared_memory_region' and 'shared_memory_byte_size'"
-            )
-        offset = 0 if offset is None else offset
-        if not isinstance(region, str) or not region:
-            raise InvalidArgument(f"{kind} {name!r}: 'shared_memory_region' must be a region name")
-        numbers = []
-        for label, number in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
-            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
-                raise InvalidArgument(f"{kind} {name!r}: {label!r} must be a non-negative integer, got {number!r}")
-            numbers.append(number)
-        refs[tensor.name] = TensorRef(tensor.name, region, offset=numbers[1], byte_size=numbers[0])
-    return refs

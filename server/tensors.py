@@ -78,6 +78,11 @@ def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
+def raw_size(dims: Sequence[int], datatype: str) -> int:
+    """Bytes a tensor of a fixed-size ``datatype`` (not BYTES) takes as raw contents."""
+    return math.prod(dims) * DATATYPES[datatype].itemsize
+
+
 def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
     """Decode one entry of ``raw_input_contents`` (or a tensor read from shared memory); its length must match the
     shape exactly."""
@@ -86,7 +91,7 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
     if datatype == "BYTES":
         return _bytes_from_raw(name, dims, count, bytes(raw))  # no copy when it already is bytes
     dtype = DATATYPES[datatype]
-    expected = count * dtype.itemsize
+    expected = raw_size(dims, datatype)
     if len(raw) != expected:
         raise InvalidArgument(
             f"input {name!r}: raw contents hold {len(raw)} bytes, but shape {list(dims)} of {datatype} needs {expected}"

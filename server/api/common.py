@@ -24,6 +24,12 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
+def parameter_value(p: Any) -> int | str | bool | float | None:
+    """The value of a KServe ``InferParameter`` (a oneof), or None when none is set."""
+    choice = p.WhichOneof("parameter_choice")
+    return getattr(p, choice) if choice else None
+
+
 def rpc(method: str, model_of: Callable[[Any], str] | None = None) -> Callable[[Handler], Handler]:
     """Wrap a servicer method: engine errors become their gRPC status, every outcome is counted.
 

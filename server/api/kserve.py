@@ -11,7 +11,7 @@ from optic.proto.inference import grpc_service_pb2 as pb
 from optic.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from optic.server import __version__, overrides
 from optic.server.admission import Admission, SizedRequest, Undecodable, sized_stream
-from optic.server.api.common import CallInfo, counted, rpc, time_left
+from optic.server.api.common import CallInfo, counted, parameter_value, rpc, time_left
 from optic.server.api.kserve_shm import SharedMemoryRpcs
 from optic.server.api.streams import StreamLimits, in_order
 from optic.server.config import PLATFORM
@@ -41,15 +41,15 @@ def decode_inputs(
     (a division by zero in normalisation), and would come back as NaN scores that look like answers.
     """
     specs = {s.name: s for s in model.inputs}
-    refs = shm_data or {}
+    shm_data = shm_data or {}
     raw = request.raw_input_contents
-    typed = next((t.name for t in request.inputs if t.HasField("contents") and (raw or t.name in refs)), None)
+    typed = next((t.name for t in request.inputs if t.HasField("contents") and (raw or t.name in shm_data)), None)
     if typed is not None:  # one way per input (Triton refuses the same)
         raise InvalidArgument(
             f"input {typed[:64]!r} has typed contents while the request also has "
-            f"{'shared memory' if typed in refs else 'raw_input_contents'} for it; send every input one way"
+            f"{'shared memory' if typed in shm_data else 'raw_input_contents'} for it; send every input one way"
         )
-    sent = len(request.inputs) - len(refs)
+    sent = len(request.inputs) - len(shm_data)
     if raw and len(raw) != sent:
         raise InvalidArgument(
             f"{len(raw)} raw_input_contents for {sent} inputs not in shared memory; send one per input, in order"
@@ -78,7 +78,7 @@ def decode_inputs(
                 f"input {tensor.name!r} has shape {shape[:16]}; model {model.name!r} expects "
                 f"{list(spec.shape)} (-1: any size)"
             )
-        data = refs.get(tensor.name)
+        data = shm_data.get(tensor.name)
         if data is not None:
             decoded[tensor.name] = from_raw(tensor.name, tensor.datatype, shape, data.data)
         elif raw:
@@ -183,12 +183,9 @@ class KServeServicer(SharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer):
             top_k = {o.name: _classification_k(o) for o in request.outputs}
             queue_timeout = _queue_timeout(request, model)
             in_shm, out_shm = self._placed(request, top_k)
-            with self._shm_bytes(sum(p.ref.byte_size for p in in_shm.values())):
-                shm_data = {n: self._shm.read(p) for n, p in in_shm.items()} if self._shm is not None else {}
+            with self._shm_inputs(in_shm) as shm_data:
                 inputs = decode_inputs(request, model, self._allow_non_finite, shm_data)
                 outputs = await model.infer(inputs, timeout, queue_timeout)
-                if self._shm is not None and shm_data:
-                    self._shm.recycle(shm_data.values())
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name in wanted:
             array = outputs[name]
@@ -196,8 +193,8 @@ class KServeServicer(SharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer):
             if top_k.get(name):
                 array, datatype = classify(array, top_k[name], model.meta.labels, model.max_batch_size > 0), "BYTES"
             response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-            if name in out_shm and self._shm is not None:  # Triton's layout: an empty entry keeps the order
-                self._shm.write(out_shm[name], to_raw(array))
+            if name in out_shm:  # Triton's layout: an empty entry keeps the order
+                self._registry().write(out_shm[name], to_raw(array))
                 response.raw_output_contents.append(b"")
             else:
                 response.raw_output_contents.append(to_raw(array))
@@ -318,15 +315,10 @@ def statistics(stats: ModelStats) -> pb.ModelStatistics:
     )
 
 
-def _parameter(p: pb.InferParameter) -> int | str | bool | float | None:
-    choice = p.WhichOneof("parameter_choice")
-    return getattr(p, choice) if choice else None
-
-
 def _classification_k(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
     if "classification" not in output.parameters:
         return 0
-    k = _parameter(output.parameters["classification"])
+    k = parameter_value(output.parameters["classification"])
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_CLASSIFICATION:
         raise InvalidArgument(
             f"output {output.name[:64]!r}: 'classification' must be an integer 1 to {MAX_CLASSIFICATION}, got {k!r}"
@@ -338,7 +330,7 @@ def _queue_timeout(request: pb.ModelInferRequest, model: ServedModel) -> float |
     """Triton's ``timeout`` request parameter (microseconds): replaces the queue policy's default if allowed."""
     if "timeout" not in request.parameters:
         return None
-    value = _parameter(request.parameters["timeout"])
+    value = parameter_value(request.parameters["timeout"])
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InvalidArgument(f"parameter 'timeout' must be a non-negative integer of microseconds, got {value!r}")
     if not model.config.dynamic_batching.default_queue_policy.allow_timeout_override or value == 0:

@@ -3,20 +3,50 @@
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
+import numpy as np
 
 from optic.proto.inference import grpc_service_pb2 as pb
 from optic.server.admission import Admission
-from optic.server.api.common import rpc
+from optic.server.api.common import parameter_value, rpc
 from optic.server.errors import InvalidArgument, ResourceExhausted, Unimplemented
-from optic.server.shm import DISABLED, Placed, SharedMemoryRegistry, TensorRef, tensor_refs
-from optic.server.tensors import DATATYPES, check_shape
+from optic.server.shm import DISABLED, Placed, SharedMemoryRegistry, TensorRef
+from optic.server.tensors import DATATYPES, check_shape, raw_size
 
+PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 NO_CUDA_SHM = "CUDA shared memory is not offered: pass tensors in system shared memory (--allow-client-shm) instead"
+
+
+def tensor_refs(kind: str, tensors: Iterable[Any]) -> dict[str, TensorRef]:
+    """The inputs or requested outputs (``kind``) that name a shared-memory region, by tensor name.
+
+    Triton's rules: ``shared_memory_region`` and ``shared_memory_byte_size`` come together, the offset is optional.
+    """
+    refs: dict[str, TensorRef] = {}
+    for tensor in tensors:
+        params = tensor.parameters
+        if not any(p in params for p in PARAMETERS):
+            continue
+        region, size, offset = (parameter_value(params[p]) if p in params else None for p in PARAMETERS)
+        name = tensor.name[:64]
+        if region is None or size is None:
+            raise InvalidArgument(
+                f"{kind} {name!r}: shared memory needs both 'shared_memory_region' and 'shared_memory_byte_size'"
+            )
+        offset = 0 if offset is None else offset
+        if not isinstance(region, str) or not region:
+            raise InvalidArgument(f"{kind} {name!r}: 'shared_memory_region' must be a region name")
+        numbers = []
+        for label, number in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise InvalidArgument(f"{kind} {name!r}: {label!r} must be a non-negative integer, got {number!r}")
+            numbers.append(number)
+        refs[tensor.name] = TensorRef(tensor.name, region, offset=numbers[1], byte_size=numbers[0])
+    return refs
 
 
 def check_shm_sizes(request: pb.ModelInferRequest, refs: Mapping[str, TensorRef]) -> None:
@@ -26,7 +56,7 @@ def check_shm_sizes(request: pb.ModelInferRequest, refs: Mapping[str, TensorRef]
         ref = refs.get(tensor.name)
         if ref is None or tensor.datatype not in DATATYPES or tensor.datatype == "BYTES":
             continue  # unknown datatypes are refused while decoding; BYTES elements have their own lengths
-        needed = math.prod(check_shape(tensor.name, tensor.shape)) * DATATYPES[tensor.datatype].itemsize
+        needed = raw_size(check_shape(tensor.name, tensor.shape), tensor.datatype)
         if ref.byte_size != needed:
             raise InvalidArgument(
                 f"input {tensor.name[:64]!r}: shared_memory_byte_size is {ref.byte_size}, but shape "
@@ -60,11 +90,14 @@ class SharedMemoryRpcs:
         )
 
     @contextmanager
-    def _shm_bytes(self, size: int) -> Iterator[None]:
-        """Count a call's shared-memory inputs like a message's bytes: capped per call, in the in-flight budget."""
-        if not size:
-            yield
+    def _shm_inputs(self, placed: Mapping[str, Placed]) -> Iterator[dict[str, np.ndarray]]:
+        """Read a call's shared-memory inputs, counted like a message's bytes (capped per call, in the in-flight
+        budget) until the call is done; their buffers are kept for reuse only once its model run succeeded."""
+        if not placed:
+            yield {}
             return
+        shm = self._registry()
+        size = sum(p.ref.byte_size for p in placed.values())
         if size > self._max_shm_read:
             raise ResourceExhausted(
                 f"the request's inputs in shared memory hold {size / 2**20:.1f} MB; a call may read at most "
@@ -74,7 +107,9 @@ class SharedMemoryRpcs:
         if refused is not None:
             raise ResourceExhausted(refused)
         try:
-            yield
+            data = {name: shm.read(p) for name, p in placed.items()}
+            yield data
+            shm.recycle(data.values())  # not reached when the body raised: its batch may still be running
         finally:
             self._admission.release(size)
 
