@@ -116,8 +116,7 @@ class Admission(grpc.aio.ServerInterceptor):
 
     def leave(self, size: int = 0) -> None:
         self.inflight -= 1
-        self.bytes -= size
-        self._publish()
+        self.release(size)
 
     def hold(self, size: int) -> str | None:
         """Count ``size`` more bytes for a call already admitted (tensors it reads from shared memory); None, or why

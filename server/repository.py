@@ -35,7 +35,7 @@ from optic.server.metadata import MODEL_NAME, ModelMeta
 from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
 from optic.server.outputs import OutputMismatch, check_outputs
 from optic.server.overrides import LoadOverride
-from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
+from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec
 from optic.server.scheduler import BatchingConfig, DynamicBatcher, SlotExecutor, Tensors
 from optic.server.tensors import DATATYPES
 
@@ -268,8 +268,7 @@ class ModelRepository:
             raise cfgmod.ConfigError(str(exc)) from None
         if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
             # A batch alone runs on all the cores; batches that run beside it share them (runtime.open_narrow_lane).
-            cores = self.runtime_options.cores or default_threads()
-            for lane in runtime.open_narrow_lane(max(1, cores // batching.instances), batching.instances):
+            for lane in runtime.open_narrow_lane(max(1, runtime.threads // batching.instances), batching.instances):
                 self._warm_up(ticket.track(lane), effective, model_dir, image_hw)
         if layout != meta.output_layout:
             meta = replace(meta, output_layout=layout)
