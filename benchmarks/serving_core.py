@@ -10,7 +10,11 @@
     adaptive window), with ``--max-queue-delay-ms 0``, and with the tensors in
     system shared memory (``--allow-client-shm``: input and outputs in one
     registered region, the message a few hundred bytes).
-(c) Poll-mode swaps under load: 16 callers for 12 s while two new versions are
+(c) Tensors in shared memory under load: 64 closed-loop callers, each with
+    its own registered region (its input and the outputs), against the same
+    tensors in the message, on one ``--allow-client-shm`` server; rounds
+    alternate and the median is reported.
+(d) Poll-mode swaps under load: 16 callers for 12 s while two new versions are
     dropped into the repository; every failed request is counted.
 
 The load generator runs in its own process (see classify_vs_echo.py).
@@ -48,7 +52,7 @@ from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODELS = ("classifier", "detector")
-PARTS = ("throughput_64_concurrent", "lone_request_latency", "poll_swap_under_load")
+PARTS = ("throughput_64_concurrent", "lone_request_latency", "shm_throughput_64_concurrent", "poll_swap_under_load")
 
 
 def input_shape(repo: Path, model: str) -> tuple[int, ...]:
@@ -126,16 +130,16 @@ def throughput(args: argparse.Namespace) -> dict:
     return results
 
 
-def shm_request(model: str, x: np.ndarray, outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
-    """A request with its input and every output in the region ``bench`` (Triton's system shared memory), and the
-    region's size: the input first, the outputs after it."""
+def shm_request(model: str, x: np.ndarray, outputs: dict[str, np.ndarray], region: str = "bench") -> tuple[bytes, int]:
+    """A request with its input and every output in ``region`` (Triton's system shared memory), and the region's
+    size: the input first, the outputs after it."""
     req = pb.ModelInferRequest(model_name=model)
     tensor = req.inputs.add(name="images", datatype="FP32", shape=x.shape)
     offset = 0
     for params, size in [(tensor.parameters, x.nbytes)] + [
         (req.outputs.add(name=name).parameters, array.nbytes) for name, array in outputs.items()
     ]:
-        params["shared_memory_region"].string_param = "bench"
+        params["shared_memory_region"].string_param = region
         params["shared_memory_byte_size"].int64_param = size
         params["shared_memory_offset"].int64_param = offset
         offset += size
@@ -143,8 +147,8 @@ def shm_request(model: str, x: np.ndarray, outputs: dict[str, np.ndarray]) -> tu
 
 
 @contextlib.contextmanager
-def shm_region(channel: grpc.Channel, x: np.ndarray, size: int) -> Iterator[None]:
-    """A POSIX shared-memory object holding ``x``, registered with the server as ``bench``."""
+def shm_region(channel: grpc.Channel, x: np.ndarray, size: int, region: str = "bench") -> Iterator[None]:
+    """A POSIX shared-memory object holding ``x``, registered with the server as ``region``."""
     from multiprocessing import shared_memory
 
     block = shared_memory.SharedMemory(create=True, size=size)
@@ -152,7 +156,7 @@ def shm_region(channel: grpc.Channel, x: np.ndarray, size: int) -> Iterator[None
         block.buf[: x.nbytes] = x.tobytes()
         register = channel.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryRegister")
         key = "/" + block.name.lstrip("/")
-        register(pb.SystemSharedMemoryRegisterRequest(name="bench", key=key, byte_size=size).SerializeToString())
+        register(pb.SystemSharedMemoryRegisterRequest(name=region, key=key, byte_size=size).SerializeToString())
         yield
     finally:
         block.close()
@@ -218,6 +222,44 @@ def lone_latency(args: argparse.Namespace) -> dict:
     return results
 
 
+def shm_throughput(args: argparse.Namespace) -> dict:
+    """64 callers, the tensors in the message vs in shared memory (each caller its own region: the load generator's
+    caller i always sends payload i of 64), rounds alternating on one ``--allow-client-shm`` server."""
+    results: dict = {}
+    for model in MODELS:
+        rng = np.random.default_rng(2)
+        shape = input_shape(args.model_repo, model)
+        local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions(intra_op_threads=1))
+        xs = [rng.random((1, *shape), dtype=np.float32) for _ in range(64)]
+        outputs = local.run({"images": xs[0]})
+        del local
+        in_message = [request(model, x) for x in xs]
+        in_shm = [shm_request(model, x, outputs, f"bench{i}") for i, x in enumerate(xs)]
+        runs: dict[str, list[dict]] = {"message": [], "shm": []}
+        proc, url = start(args.model_repo, "--allow-client-shm")
+        try:
+            with grpc.insecure_channel(url) as ch, contextlib.ExitStack() as regions:
+                for i, (x, (_, size)) in enumerate(zip(xs, in_shm, strict=True)):
+                    regions.enter_context(shm_region(ch, x, size, f"bench{i}"))
+                for _ in range(args.rounds):
+                    for mode, data in (("message", in_message), ("shm", [body for body, _ in in_shm])):
+                        r = run_load(url, data, 64, args.warmup, args.seconds, INFER)
+                        if r["errors"]:
+                            raise SystemExit(f"{model} {mode}: requests failed: {r['errors']}")
+                        runs[mode].append(r)
+                        print(
+                            f"{model:10s} {mode:8s} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+                            f"p99 {r['p99_ms']:6.2f} ms",
+                            flush=True,
+                        )
+        finally:
+            stop(proc)
+        message = statistics.median(r["throughput_rps"] for r in runs["message"])
+        shm = statistics.median(r["throughput_rps"] for r in runs["shm"])
+        results[model] = {"runs": runs, "message_rps": message, "shm_rps": shm, "ratio_shm_to_message": shm / message}
+    return results
+
+
 def poll_swap(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
@@ -259,7 +301,7 @@ def main() -> int:
         "benchmark": "serving_core",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
-    parts = dict(zip(PARTS, (throughput, lone_latency, poll_swap), strict=True))
+    parts = dict(zip(PARTS, (throughput, lone_latency, shm_throughput, poll_swap), strict=True))
     for part, measure in parts.items():
         if args.only in (None, part):
             summary[part] = measure(args)
