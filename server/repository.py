@@ -21,7 +21,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,6 +76,19 @@ class _Ticket:
             self.cancelled = True
             for model in self._models:
                 model.terminate()
+
+
+def _queue_size(batcher: DynamicBatcher) -> Callable[[], int]:
+    """The queue-size gauge's reading, holding the batcher weakly: prometheus-client keeps a gauge's function in a
+    reference cycle of its own (the child's bound ``_child_samples``), so a removed gauge kept the unloaded model's
+    batcher, and through it its onnxruntime sessions, alive until a full collection."""
+    ref = weakref.ref(batcher)
+
+    def size() -> int:
+        alive = ref()
+        return 0 if alive is None else alive.queued
+
+    return size
 
 
 def _discard(work: asyncio.Future[dict[str, ServedModel]]) -> None:
@@ -171,6 +185,7 @@ class ModelRepository:
         queue_timeout: float | None = None,
         load_timeout: float = 120.0,
         load_threads: int = 2,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode {control_mode!r}; expected one of {', '.join(CONTROL_MODES)}")
@@ -192,6 +207,9 @@ class ModelRepository:
         self._tickets: set[_Ticket] = set()  # loads in progress
         self._poller: asyncio.Task[None] | None = None
         self._poll_loads: dict[str, asyncio.Task[None]] = {}  # loads a scan started, by model name
+        # Called on the event loop once a load has swapped versions in and once a retired version is released
+        # (the server settles its heap there: app.settle_heap).
+        self._on_change = on_change
 
     # ------------------------------------------------------------------ discovery
 
@@ -365,7 +383,7 @@ class ModelRepository:
                 self._tickets.discard(ticket)
             for model in built.values():
                 model.batcher.start()
-                model.stats.track_queue(functools.partial(getattr, model.batcher, "queued"))
+                model.stats.track_queue(_queue_size(model.batcher))
             old = self.versions.get(name, {})
             self.versions[name] = built  # the swap: one assignment
             state.error, state.failed_versions, state.reason = "", (), ""
@@ -383,6 +401,11 @@ class ModelRepository:
             )
             for version, model in old.items():
                 self._retire(model, keep_ready=version in built)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     async def unload(self, name: str) -> None:
         if name not in self.versions:
@@ -411,9 +434,12 @@ class ModelRepository:
                 model.stats.retire()
                 MODEL_READY.labels(model.name, model.version).set(0)
 
-        task = asyncio.get_running_loop().create_task(drain())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(drain())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        # On the next turn of the loop: by then the finished drain holds the model no more.
+        task.add_done_callback(lambda _: loop.call_soon(self._changed))
 
     async def start(self) -> None:
         """Load the start-up set (all, or ``startup_models`` in explicit mode); failures are logged, not fatal."""

@@ -3,10 +3,13 @@ explicit load/unload, polling with swaps under load, statistics, streaming, clas
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import queue
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import grpc
@@ -16,6 +19,10 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from optic.server.app import settle_heap
+from optic.server.repository import ModelRepository
+from optic.server.runtime import RuntimeOptions
+from optic.server.scheduler import BatchingConfig
 from tests.conftest import MODEL_REPO, SIDE, start_server
 
 CLASSIFIER = MODEL_REPO / "classifier" / "1" / "model.onnx"
@@ -379,3 +386,67 @@ def test_the_default_repository_ships_the_export_stages_serving_configs(server):
         }
     lanes = default_instances(default_threads())
     assert counts == {"captioner_encoder": 1, "captioner_decoder": 1, "classifier": lanes, "segmenter": lanes}
+
+
+async def _load_then_unload(repo: ModelRepository, tie_a_cycle: bool) -> weakref.ref:
+    """Load the classifier, optionally tie its session into a reference cycle, unload it, and wait until the
+    retired version is released (and the loop has turned once more, for the repository's ``on_change``)."""
+    await repo.load("classifier")
+    runtime = repo.get("classifier").runtime
+    if tie_a_cycle:
+        runtime.cycle = runtime  # type: ignore[attr-defined]
+    released = weakref.ref(runtime)
+    del runtime
+    await repo.unload("classifier")
+    while repo._retiring:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)
+    return released
+
+
+@pytest.mark.parametrize("settle", [False, True], ids=["plain", "settled"])
+def test_an_unloaded_model_is_released_without_waiting_for_the_cyclic_collector(tmp_path, settle):
+    """An unloaded version's onnxruntime sessions go when it is released: reference counting alone (the queue-size
+    gauge used to hold the batcher in prometheus-client's own cycle, so sessions waited for a full collection)."""
+    repo = ModelRepository(
+        _repo(tmp_path),
+        RuntimeOptions(),
+        BatchingConfig(),
+        control_mode="explicit",
+        startup_models=(),
+        on_change=settle_heap if settle else None,
+    )
+    gc.disable()
+    try:
+        released = asyncio.run(_load_then_unload(repo, tie_a_cycle=False))
+        assert released() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_a_frozen_heap_still_gives_up_an_unloaded_model_in_a_cycle(tmp_path):
+    """The server freezes what a load made (settle_heap); a model whose objects end up in a cycle must still be
+    collected once it is released, which needs the freeze undone and a collection: the repository's on_change."""
+    frozen: list[int] = []
+
+    def settle() -> None:
+        settle_heap()
+        frozen.append(gc.get_freeze_count())
+
+    repo = ModelRepository(
+        _repo(tmp_path),
+        RuntimeOptions(),
+        BatchingConfig(),
+        control_mode="explicit",
+        startup_models=(),
+        on_change=settle,
+    )
+    gc.disable()  # only settle_heap's own collections
+    try:
+        released = asyncio.run(_load_then_unload(repo, tie_a_cycle=True))
+        assert len(frozen) == 2 and frozen[0] > 0  # after the load, and after the release
+        assert released() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()
