@@ -61,8 +61,8 @@ INFERENCES = Counter(
 )
 LANE_RUNS = Counter(
     "optic_lane_runs",
-    "Batches run on a model's wide session (started alone, all its threads) or its narrow lane (started beside "
-    "another batch); see --instances.",
+    "Batches run, counted as they answer, on a model's wide session (started alone, all its threads) or its "
+    "narrow lane (started beside another batch); see --instances.",
     ["model", "version", "lane"],
 )
 # Gauges say how ``--workers N`` processes combine (prometheus-client multiprocess mode; ignored with one process):

@@ -167,15 +167,16 @@ class OnnxModel:
                 index = min(range(len(self.narrow)), key=self._narrow_busy.__getitem__)
                 self._narrow_busy[index] += 1
             self._active += 1
-        if self.on_lane is not None:
-            self.on_lane("wide" if index < 0 else "narrow")
         try:
-            return (self if index < 0 else self.narrow[index])._run(feeds, outputs)
+            result = (self if index < 0 else self.narrow[index])._run(feeds, outputs)
         finally:
             with self._lock:
                 self._active -= 1
                 if index >= 0:
                     self._narrow_busy[index] -= 1
+        if self.on_lane is not None:  # runs that answered: not one refused during an unload, nor a rejected input
+            self.on_lane("wide" if index < 0 else "narrow")
+        return result
 
     def _run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs else [t.name for t in self.outputs]
