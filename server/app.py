@@ -344,11 +344,11 @@ def settle_heap() -> None:
     """Collect, then take what is alive out of Python's cyclic collector (``gc.freeze``).
 
     What start-up and a model's load make lives as long as the server or the model, yet every full collection
-    walked all of it with the event loop stopped: 26-31 ms here under load, 2.8 ms once frozen
+    walked all of it with the event loop stopped: 21-34 ms here under load, 1.3-2.7 ms once frozen
     (docs/operations.md). Frozen objects are still freed by reference counting, but a cycle among them would never
-    be collected, so the last freeze is undone and collected first. Called after start-up, after every load and
-    once every unloaded or replaced version is released (``ModelRepository(on_change=...)``): one full collection
-    each, on the event loop.
+    be collected, so the last freeze is undone and collected first. Called after start-up and, through
+    ``ModelRepository(on_change=...)``, after every load (failed ones too) and once every unloaded or replaced
+    version is released: one full collection each, on the event loop.
     """
     started = time.perf_counter()
     gc.unfreeze()

@@ -207,9 +207,12 @@ class ModelRepository:
         self._tickets: set[_Ticket] = set()  # loads in progress
         self._poller: asyncio.Task[None] | None = None
         self._poll_loads: dict[str, asyncio.Task[None]] = {}  # loads a scan started, by model name
-        # Called on the event loop once a load has swapped versions in and once a retired version is released
-        # (the server settles its heap there: app.settle_heap).
+        # Called on the event loop, at most once per turn of it, after a load swapped versions in or failed, after an
+        # abandoned build finished and after a retired version was released (the server settles its heap there:
+        # app.settle_heap); never while closing.
         self._on_change = on_change
+        self._change_pending = False
+        self._closing = False
 
     # ------------------------------------------------------------------ discovery
 
@@ -367,11 +370,14 @@ class ModelRepository:
                 work.add_done_callback(_discard)
                 raise
             except Exception as exc:  # onnxruntime raises its own types for a bad file
+                # The failure's traceback holds the half-built sessions in a cycle: settle once it is dropped.
+                self._change_soon()
                 if isinstance(exc, TimeoutError):
                     # The build is abandoned: its runs are stopped (a warm-up that never ends frees its thread),
                     # and whatever it still produces is discarded.
                     ticket.cancel()
                     work.add_done_callback(_discard)
+                    work.add_done_callback(lambda _: self._change_soon())
                     exc = LoadTimeout(f"loading (session and warm-up) took over {self.load_timeout:g} s; abandoned")
                 state.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError | ValueError) else str(exc)
                 state.failed_versions = tuple(str(v) for v in sorted(self._version_files(model_dir, MODEL_FILE)))
@@ -401,11 +407,23 @@ class ModelRepository:
             )
             for version, model in old.items():
                 self._retire(model, keep_ready=version in built)
-            self._changed()
+            self._change_soon()
+
+    def _change_soon(self) -> None:
+        """``on_change`` on a later turn of the loop, once however many changes ask for it meanwhile."""
+        if self._on_change is None or self._change_pending or self._closing:
+            return
+        self._change_pending = True
+        asyncio.get_running_loop().call_soon(self._changed)
 
     def _changed(self) -> None:
-        if self._on_change is not None:
+        self._change_pending = False
+        if self._on_change is None or self._closing:
+            return
+        try:
             self._on_change()
+        except Exception:  # the swap is done and stays done
+            log.exception("after a model change: on_change failed")
 
     async def unload(self, name: str) -> None:
         if name not in self.versions:
@@ -430,16 +448,17 @@ class ModelRepository:
             await model.batcher.close()
             model.executor.shutdown(wait=False)
             self._retired.discard(model)
-            if not keep_ready:
+            # Its series are shared with any live version of the same number: one loaded again while this one
+            # drained (an unload, then a load, while a request held it) keeps them.
+            if not keep_ready and model.version not in self.versions.get(model.name, {}):
                 model.stats.retire()
                 MODEL_READY.labels(model.name, model.version).set(0)
 
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(drain())
+        task = asyncio.get_running_loop().create_task(drain())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-        # On the next turn of the loop: by then the finished drain holds the model no more.
-        task.add_done_callback(lambda _: loop.call_soon(self._changed))
+        # On a later turn of the loop: by then the finished drain holds the model no more.
+        task.add_done_callback(lambda _: self._change_soon())
 
     async def start(self) -> None:
         """Load the start-up set (all, or ``startup_models`` in explicit mode); failures are logged, not fatal."""
@@ -506,6 +525,7 @@ class ModelRepository:
             model.runtime.terminate()
 
     async def close(self) -> None:
+        self._closing = True  # the process is ending: no collection per retired version
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

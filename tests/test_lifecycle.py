@@ -17,10 +17,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
+from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from optic.server.app import settle_heap
-from optic.server.repository import ModelRepository
+from optic.server.repository import LoadFailed, ModelRepository
 from optic.server.runtime import RuntimeOptions
 from optic.server.scheduler import BatchingConfig
 from tests.conftest import MODEL_REPO, SIDE, start_server
@@ -388,41 +389,46 @@ def test_the_default_repository_ships_the_export_stages_serving_configs(server):
     assert counts == {"captioner_encoder": 1, "captioner_decoder": 1, "classifier": lanes, "segmenter": lanes}
 
 
-async def _load_then_unload(repo: ModelRepository, tie_a_cycle: bool) -> weakref.ref:
-    """Load the classifier, optionally tie its session into a reference cycle, unload it, and wait until the
-    retired version is released (and the loop has turned once more, for the repository's ``on_change``)."""
-    await repo.load("classifier")
-    runtime = repo.get("classifier").runtime
-    if tie_a_cycle:
-        runtime.cycle = runtime  # type: ignore[attr-defined]
-    released = weakref.ref(runtime)
-    del runtime
+async def _unload_and_wait(repo: ModelRepository) -> weakref.ref:
+    """Unload the classifier and wait until its retired version is released and the loop has turned again (for
+    the repository's ``on_change``); a weak reference to its wide session."""
+    released = weakref.ref(repo.get("classifier").runtime)
     await repo.unload("classifier")
     while repo._retiring:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0)
+    await asyncio.sleep(0)
     return released
 
 
-@pytest.mark.parametrize("settle", [False, True], ids=["plain", "settled"])
-def test_an_unloaded_model_is_released_without_waiting_for_the_cyclic_collector(tmp_path, settle):
-    """An unloaded version's onnxruntime sessions go when it is released: reference counting alone (the queue-size
-    gauge used to hold the batcher in prometheus-client's own cycle, so sessions waited for a full collection)."""
-    repo = ModelRepository(
+def _explicit_repo(tmp_path: Path, on_change=None) -> ModelRepository:
+    return ModelRepository(
         _repo(tmp_path),
         RuntimeOptions(),
         BatchingConfig(),
         control_mode="explicit",
         startup_models=(),
-        on_change=settle_heap if settle else None,
+        on_change=on_change,
     )
+
+
+def test_an_unloaded_model_is_released_without_waiting_for_the_cyclic_collector(tmp_path):
+    """An unloaded version's onnxruntime sessions go when it is released, by reference counting alone: the
+    queue-size gauge used to hold the batcher in prometheus-client's own cycle, so they waited for a full
+    collection."""
+    repo = _explicit_repo(tmp_path)
+
+    async def scenario() -> None:
+        await repo.load("classifier")
+        released = await _unload_and_wait(repo)
+        assert released() is None
+        await repo.close()
+
     gc.disable()
     try:
-        released = asyncio.run(_load_then_unload(repo, tie_a_cycle=False))
-        assert released() is None
+        asyncio.run(scenario())
     finally:
         gc.enable()
-        gc.unfreeze()
 
 
 def test_a_frozen_heap_still_gives_up_an_unloaded_model_in_a_cycle(tmp_path):
@@ -434,19 +440,68 @@ def test_a_frozen_heap_still_gives_up_an_unloaded_model_in_a_cycle(tmp_path):
         settle_heap()
         frozen.append(gc.get_freeze_count())
 
-    repo = ModelRepository(
-        _repo(tmp_path),
-        RuntimeOptions(),
-        BatchingConfig(),
-        control_mode="explicit",
-        startup_models=(),
-        on_change=settle,
-    )
+    repo = _explicit_repo(tmp_path, settle)
+
+    async def scenario() -> None:
+        await repo.load("classifier")
+        await asyncio.sleep(0)  # on_change runs on the next turn of the loop
+        runtime = repo.get("classifier").runtime
+        runtime.cycle = runtime  # type: ignore[attr-defined]
+        del runtime
+        assert len(frozen) == 1 and frozen[0] > 0
+        released = await _unload_and_wait(repo)
+        assert len(frozen) == 2
+        assert released() is None
+        await repo.load("classifier")
+        await asyncio.sleep(0)
+        assert len(frozen) == 3
+        await repo.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(frozen) == 3  # closing settles nothing
+
     gc.disable()  # only settle_heap's own collections
     try:
-        released = asyncio.run(_load_then_unload(repo, tie_a_cycle=True))
-        assert len(frozen) == 2 and frozen[0] > 0  # after the load, and after the release
-        assert released() is None
+        asyncio.run(scenario())
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_a_version_loaded_again_while_its_old_copy_drains_keeps_its_gauges(tmp_path):
+    """Unload, then load the same version while a request still holds the unloaded copy: when that copy is
+    released, the live version's ready and queue-size series stay (they are the same series)."""
+    repo = _explicit_repo(tmp_path)
+    labels = {"model": "classifier", "version": "1"}
+
+    async def scenario() -> None:
+        await repo.load("classifier")
+        with repo.use("classifier"):
+            await repo.unload("classifier")
+            await repo.load("classifier")
+            assert REGISTRY.get_sample_value("optic_model_ready", labels) == 1
+        while repo._retiring:
+            await asyncio.sleep(0.01)
+        assert REGISTRY.get_sample_value("optic_model_ready", labels) == 1
+        assert REGISTRY.get_sample_value("optic_queue_size", labels) == 0
+        await repo.close()
+        assert REGISTRY.get_sample_value("optic_queue_size", labels) is None  # unloaded for good: gone
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_load_settles_the_heap_too(tmp_path):
+    """A failure's traceback holds what the load built in a reference cycle: the repository asks for a settling
+    (collect, then freeze) after it as after a success, or a later freeze could keep that cycle for good."""
+    calls: list[int] = []
+    repo = _explicit_repo(tmp_path, lambda: calls.append(1))
+    (tmp_path / "repo" / "classifier" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+
+    async def scenario() -> None:
+        with pytest.raises(LoadFailed):
+            await repo.load("classifier")
+        await asyncio.sleep(0)
+        assert calls == [1]
+        await repo.close()
+
+    asyncio.run(scenario())
