@@ -104,6 +104,19 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=60)
 
 
+def _round(args: argparse.Namespace, url: str, data: list[bytes], model: str, mode: str) -> dict:
+    """One closed-loop round of 64 callers; any failed request ends the benchmark (the figures would mean nothing)."""
+    r = run_load(url, data, 64, args.warmup, args.seconds, INFER)
+    if r["errors"]:
+        raise SystemExit(f"{model} {mode}: requests failed, the figures would mean nothing: {r['errors']}")
+    print(
+        f"{model:10s} {mode:12s} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
+        f"p99 {r['p99_ms']:6.2f} ms",
+        flush=True,
+    )
+    return r
+
+
 def throughput(args: argparse.Namespace) -> dict:
     results: dict = {}
     for model in MODELS:
@@ -113,17 +126,9 @@ def throughput(args: argparse.Namespace) -> dict:
             for mode, flags in (("batching_on", ()), ("batching_off", ("--max-batch-size", "0"))):
                 proc, url = start(args.model_repo, *flags)
                 try:
-                    r = run_load(url, data, 64, args.warmup, args.seconds, INFER)
+                    runs[mode].append(_round(args, url, data, model, mode))
                 finally:
                     stop(proc)
-                if r["errors"]:
-                    raise SystemExit(f"{model} {mode}: requests failed, the figures would mean nothing: {r['errors']}")
-                runs[mode].append(r)
-                print(
-                    f"{model:10s} {mode:12s} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
-                    f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}",
-                    flush=True,
-                )
         on = statistics.median(r["throughput_rps"] for r in runs["batching_on"])
         off = statistics.median(r["throughput_rps"] for r in runs["batching_off"])
         results[model] = {"runs": runs, "on_rps": on, "off_rps": off, "ratio_on_to_off": on / off}
@@ -243,15 +248,7 @@ def shm_throughput(args: argparse.Namespace) -> dict:
                     regions.enter_context(shm_region(ch, x, size, f"bench{i}"))
                 for _ in range(args.rounds):
                     for mode, data in (("message", in_message), ("shm", [body for body, _ in in_shm])):
-                        r = run_load(url, data, 64, args.warmup, args.seconds, INFER)
-                        if r["errors"]:
-                            raise SystemExit(f"{model} {mode}: requests failed: {r['errors']}")
-                        runs[mode].append(r)
-                        print(
-                            f"{model:10s} {mode:8s} {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
-                            f"p99 {r['p99_ms']:6.2f} ms",
-                            flush=True,
-                        )
+                        runs[mode].append(_round(args, url, data, model, mode))
         finally:
             stop(proc)
         message = statistics.median(r["throughput_rps"] for r in runs["message"])
