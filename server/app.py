@@ -250,7 +250,6 @@ class OpticServer:
         if metrics.MULTIPROCESS:
             self._refresher = asyncio.get_running_loop().create_task(_refresh_forever(), name="metrics-refresh")
         await self.repo.start()
-        settle_heap()  # also when no model loaded: the modules, protobuf descriptors and gRPC objects
         if self.repo.versions or self.config.control_mode == "explicit":
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         served = [f"{n}:{v}" for n, vs in sorted(self.repo.versions.items()) for v in vs]
@@ -346,9 +345,9 @@ def settle_heap() -> None:
     What start-up and a model's load make lives as long as the server or the model, yet every full collection
     walked all of it with the event loop stopped: 21-34 ms here under load, 1.3-2.7 ms once frozen
     (docs/operations.md). Frozen objects are still freed by reference counting, but a cycle among them would never
-    be collected, so the last freeze is undone and collected first. Called after start-up and, through
-    ``ModelRepository(on_change=...)``, after every load (failed ones too) and once every unloaded or replaced
-    version is released: one full collection each, on the event loop.
+    be collected, so the last freeze is undone and collected first. Called through
+    ``ModelRepository(on_change=...)`` after start-up, after every load (failed ones too) and once every unloaded
+    or replaced version is released: one full collection each, on the event loop.
     """
     started = time.perf_counter()
     gc.unfreeze()

@@ -207,9 +207,9 @@ class ModelRepository:
         self._tickets: set[_Ticket] = set()  # loads in progress
         self._poller: asyncio.Task[None] | None = None
         self._poll_loads: dict[str, asyncio.Task[None]] = {}  # loads a scan started, by model name
-        # Called on the event loop, at most once per turn of it, after a load swapped versions in or failed, after an
-        # abandoned build finished and after a retired version was released (the server settles its heap there:
-        # app.settle_heap); never while closing.
+        # Called on the event loop, at most once per turn of it, after the start-up set, after a load swapped versions
+        # in or failed, after an abandoned build finished and after a retired version was released (the server
+        # settles its heap there: app.settle_heap); never while closing.
         self._on_change = on_change
         self._change_pending = False
         self._closing = False
@@ -475,6 +475,7 @@ class ModelRepository:
 
         await asyncio.gather(*(quietly(name) for name in wanted))
         self.started = True
+        self._change_soon()  # one more, joined with the last load's: also when nothing loaded (start-up's own objects)
         if self.control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever(), name="repository-poll")
 
