@@ -200,8 +200,8 @@ def lone_latency(args: argparse.Namespace) -> dict:
     falls on all three alike; ``--max-queue-delay-ms 0`` gets a server of its own."""
     results: dict = {}
     for model in MODELS:
-        x = np.random.default_rng(1).random((1, *input_shape(args.model_repo, model)), dtype=np.float32)
         local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions())
+        x = np.random.default_rng(1).random((1, *local.inputs[0].shape[1:]), dtype=np.float32)
         local.warmup([1])
         outputs = local.run({"images": x})
         times = _interleaved(args, model, local, x, outputs)
@@ -233,8 +233,8 @@ def shm_throughput(args: argparse.Namespace) -> dict:
     results: dict = {}
     for model in MODELS:
         rng = np.random.default_rng(2)
-        shape = input_shape(args.model_repo, model)
         local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions(intra_op_threads=1))
+        shape = local.inputs[0].shape[1:]
         xs = [rng.random((1, *shape), dtype=np.float32) for _ in range(64)]
         outputs = local.run({"images": xs[0]})
         del local
