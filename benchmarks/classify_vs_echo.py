@@ -44,8 +44,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def echo_server(port: int, reply_size: int, methods: tuple[str, ...] = ("Classify",)) -> None:
-    """A grpc.aio server answering every ``optic.v1.Vision`` method in ``methods`` with ``reply_size`` bytes."""
+def echo_server(
+    port: int, reply_size: int, methods: tuple[str, ...] = ("Classify",), service: str = "optic.v1.Vision"
+) -> None:
+    """A grpc.aio server answering every method of ``service`` in ``methods`` with ``reply_size`` bytes."""
 
     async def main() -> None:
         reply = b"\x00" * reply_size
@@ -55,7 +57,7 @@ def echo_server(port: int, reply_size: int, methods: tuple[str, ...] = ("Classif
 
         server = grpc.aio.server()
         handler = grpc.method_handlers_generic_handler(
-            "optic.v1.Vision", {m: grpc.unary_unary_rpc_method_handler(handle) for m in methods}
+            service, {m: grpc.unary_unary_rpc_method_handler(handle) for m in methods}
         )
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")

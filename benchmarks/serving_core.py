@@ -9,7 +9,9 @@
     the difference is the serving overhead. Measured with the defaults (the
     adaptive window), with ``--max-queue-delay-ms 0``, and with the tensors in
     system shared memory (``--allow-client-shm``: input and outputs in one
-    registered region, the message a few hundred bytes).
+    registered region, the message a few hundred bytes). A bare grpc.aio
+    echo server takes the same turns with the same request bytes: its round
+    trip is the transport's share of the overhead.
 (c) Tensors in shared memory under load: 64 closed-loop callers, each with
     its own registered region (its input and the outputs), against the same
     tensors in the message, on one ``--allow-client-shm`` server; rounds
@@ -46,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.classify_vs_echo import free_port, load, run_load, wait_ready  # noqa: E402
+from benchmarks.classify_vs_echo import echo_server, free_port, load, run_load, wait_ready  # noqa: E402
 from optic.proto.inference import grpc_service_pb2 as pb  # noqa: E402
 from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
@@ -168,27 +170,53 @@ def shm_region(channel: grpc.Channel, x: np.ndarray, size: int, region: str = "b
         block.unlink()
 
 
+@contextlib.contextmanager
+def echo(reply_size: int) -> Iterator[grpc.Channel]:
+    """A bare grpc.aio server in its own process answering ModelInfer with ``reply_size`` bytes and doing nothing
+    else: the transport's own round trip for a request, the floor under any gRPC server written in Python."""
+    port = free_port()
+    proc = mp.Process(
+        target=echo_server, args=(port, reply_size, ("ModelInfer",), "inference.GRPCInferenceService"), daemon=True
+    )
+    proc.start()
+    try:
+        url = f"127.0.0.1:{port}"
+        wait_ready(url)
+        with grpc.insecure_channel(url) as channel:
+            yield channel
+    finally:
+        proc.terminate()
+        proc.join()
+
+
 def _interleaved(
     args: argparse.Namespace, model: str, local: OnnxModel, x: np.ndarray, outputs: dict[str, np.ndarray]
 ) -> dict[str, list[float]]:
+    """Each turn: the in-process run, the server with the tensor in the message and in shared memory, and a bare
+    echo server given the same request bytes and answering as many bytes as the server did."""
     body = request(model, x)
     in_shm, size = shm_request(model, x, outputs)
-    times: dict[str, list[float]] = {"in_process": [], "served_default": [], "served_shm": []}
+    times: dict[str, list[float]] = {k: [] for k in ("in_process", "served_default", "served_shm", "echo", "echo_shm")}
     proc, url = start(args.model_repo, "--allow-client-shm")
     try:
         with grpc.insecure_channel(url) as ch, shm_region(ch, x, size):
             call = ch.unary_unary(INFER)
-            turns = {
-                "in_process": lambda: local.run({"images": x}),
-                "served_default": lambda: call(body, timeout=10),
-                "served_shm": lambda: call(in_shm, timeout=10),
-            }
-            for i in range(50 + args.lone_requests):
-                for label, turn in turns.items():
-                    t = time.perf_counter()
-                    turn()
-                    if i >= 50:  # warm-up
-                        times[label].append(time.perf_counter() - t)
+            replies = len(call(body, timeout=10)), len(call(in_shm, timeout=10))
+            with echo(replies[0]) as e1, echo(replies[1]) as e2:
+                echo_message, echo_shm = e1.unary_unary(INFER), e2.unary_unary(INFER)
+                turns = {
+                    "in_process": lambda: local.run({"images": x}),
+                    "served_default": lambda: call(body, timeout=10),
+                    "served_shm": lambda: call(in_shm, timeout=10),
+                    "echo": lambda: echo_message(body, timeout=10),
+                    "echo_shm": lambda: echo_shm(in_shm, timeout=10),
+                }
+                for i in range(50 + args.lone_requests):
+                    for label, turn in turns.items():
+                        t = time.perf_counter()
+                        turn()
+                        if i >= 50:  # warm-up
+                            times[label].append(time.perf_counter() - t)
     finally:
         stop(proc)
     return times
@@ -222,6 +250,11 @@ def lone_latency(args: argparse.Namespace) -> dict:
         for label in ("served_default", "served_shm", "served_no_delay"):
             results[model][label + "_overhead_p50_ms"] = (
                 results[model][label]["p50_ms"] - results[model]["in_process"]["p50_ms"]
+            )
+        # What is left once the transport's own round trip for the same bytes is taken away: the server's own cost.
+        for label, floor in (("served_default", "echo"), ("served_shm", "echo_shm")):
+            results[model][label + "_own_overhead_p50_ms"] = (
+                results[model][label + "_overhead_p50_ms"] - results[model][floor]["p50_ms"]
             )
         print(model, json.dumps(results[model]), flush=True)
     return results
