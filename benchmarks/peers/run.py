@@ -36,7 +36,7 @@ def ensure_venv(argv: list[str]) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--systems", default="optic,litserve,bentoml,ray", help="comma-separated, from the four")
+    p.add_argument("--systems", default="optic,litserve,bentoml,ray,grpcio", help="comma-separated, from the five")
     p.add_argument("--models", default="classifier,detector", help="comma-separated: classifier, detector")
     p.add_argument("--concurrency", default="1,64", help="comma-separated closed-loop concurrencies")
     p.add_argument("--seconds", type=float, help="measured seconds per concurrency (default 10)")
@@ -163,7 +163,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     models = report["settings"]["models"]
     fig, axes = plt.subplots(len(models), len(panels), figsize=(3.2 * len(panels), 2.8 * len(models)), dpi=110,
                              squeeze=False)  # fmt: skip
-    colours = {"optic": "#1f77b4", "litserve": "#9467bd", "bentoml": "#ff7f0e", "ray": "#2ca02c"}
+    colours = {"optic": "#1f77b4", "litserve": "#9467bd", "bentoml": "#ff7f0e", "ray": "#2ca02c", "grpcio": "#7f7f7f"}
 
     def value(r: dict[str, Any], c: str, key: str) -> float:
         return float(r["latency_ms"].get(key, math.nan)) if key in ("p50", "p99") else float(r[key])

@@ -1,4 +1,4 @@
-"""The four systems: how each is started, how a request for it is built, and how its answer reads.
+"""The systems: how each is started, how a request for it is built, and how its answer reads.
 
 Every system serves one model per start and binds 127.0.0.1 only. Answers are turned into one plain form,
 the one ``common.Pipeline.postprocess`` returns, so they can be compared with Optic's field by field.
@@ -21,7 +21,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 OPTIC = ROOT / ".venv" / "bin" / "optic"
 PEERS_BIN = Path(sys.executable).parent  # the peers' venv: this runner runs in it
-SYSTEMS = ("optic", "litserve", "bentoml", "ray")
+SYSTEMS = ("optic", "litserve", "bentoml", "ray", "grpcio")
+FRAMEWORKS = ("litserve", "bentoml", "ray")  # the peers the goal compares with; grpcio is the floor, not a peer
+GRPC = ("optic", "grpcio")  # speak optic.v1.Vision over gRPC: the same request bytes, the same answer fields
 BOUNDARY = "optic-peer-bench-boundary"
 RPC = {"classifier": "Classify", "detector": "Detect"}
 
@@ -62,6 +64,8 @@ class System:
             ]  # fmt: skip
         if self.name == "ray":
             return [py, str(HERE / "ray_server.py"), "--port", str(port)]
+        if self.name == "grpcio":
+            return [py, str(HERE / "grpc_server.py"), "--port", str(port)]
         raise ValueError(self.name)
 
     @property
@@ -80,7 +84,7 @@ class System:
         }
 
     def transport_for(self, model: str, port: int) -> Transport:
-        if self.name == "optic":
+        if self.name in GRPC:
             return Transport("grpc", f"127.0.0.1:{port}", method=f"/optic.v1.Vision/{RPC[model]}")
         url = f"http://127.0.0.1:{port}/predict"
         if self.name == "ray":
@@ -89,7 +93,7 @@ class System:
 
     def payload(self, model: str, image: bytes) -> bytes:
         """The whole request body for one image."""
-        if self.name == "optic":
+        if self.name in GRPC:
             request = (vpb.ClassifyRequest if model == "classifier" else vpb.DetectRequest)(
                 model=model, images=[vpb.Image(data=image)]
             )
@@ -102,7 +106,7 @@ class System:
 
     def answer(self, model: str, body: bytes) -> Answer:
         """One answer in the common plain form."""
-        if self.name == "optic":
+        if self.name in GRPC:
             if model == "classifier":
                 result = vpb.ClassifyResponse.FromString(body).results[0]
                 return [{"class_id": c.class_id, "label": c.label, "score": c.score} for c in result.classes]
@@ -125,7 +129,7 @@ class System:
 def system_named(name: str) -> System:
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; expected some of {', '.join(SYSTEMS)}")
-    return System(name, "grpc" if name == "optic" else "http")
+    return System(name, "grpc" if name in GRPC else "http")
 
 
 def compare(reference: list[Answer], got: list[Answer], score_tol: float = 1e-4, box_tol: float = 1e-2) -> str:
