@@ -431,6 +431,7 @@ def goal(results: list[dict[str, Any]], opts: Options) -> dict[str, Any]:
     for model in opts.models:
         rows = {r["system"]: r for r in results if r["model"] == model and r["status"] == "measured"}
         optic, peers = rows.get("optic"), {k: v for k, v in rows.items() if k in FRAMEWORKS}
+        floor = rows.get("grpcio")
         if optic is None or not peers:
             out[model] = {"evaluated": False, "why": "needs Optic and at least one measured peer"}
             continue
@@ -450,5 +451,7 @@ def goal(results: list[dict[str, Any]], opts: Options) -> dict[str, Any]:
             ok = ratio >= bound[1] if bound[0] == ">=" else ratio <= bound[1]
             checks[name] = {"best_peer": best_peer, "ratio": round(ratio, 3), "target": f"{bound[0]} {bound[1]}",
                             "met": ok}  # fmt: skip
+            if floor is not None:  # the same ratio for a server with no features: how far any server could go
+                checks[name]["floor_ratio"] = round(metric(floor, c, key) / metric(peers[best_peer], c, key), 3)
         out[model] = {"evaluated": True, **checks}
     return out

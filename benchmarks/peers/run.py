@@ -135,7 +135,8 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"goal, {model}: not evaluated ({g['why']})")
             continue
         parts = [
-            f"{k} {v['ratio']}x of {v['best_peer']} (target {v['target']}: {'met' if v['met'] else 'NOT met'})"
+            f"{k} {v['ratio']}x of {v['best_peer']} (target {v['target']}: {'met' if v['met'] else 'NOT met'}"
+            + (f"; grpcio {v['floor_ratio']}x)" if "floor_ratio" in v else ")")
             for k, v in g.items()
             if isinstance(v, dict)
         ]
