@@ -175,7 +175,8 @@ def echo(reply_size: int) -> Iterator[grpc.Channel]:
     """A bare grpc.aio server in its own process answering ModelInfer with ``reply_size`` bytes and doing nothing
     else: the transport's own round trip for a request, the floor under any gRPC server written in Python."""
     port = free_port()
-    proc = mp.Process(
+    # Spawned, not forked: this process holds live gRPC channels, and gRPC does not support forking after them.
+    proc = mp.get_context("spawn").Process(
         target=echo_server, args=(port, reply_size, ("ModelInfer",), "inference.GRPCInferenceService"), daemon=True
     )
     proc.start()
@@ -223,9 +224,9 @@ def _interleaved(
 
 
 def lone_latency(args: argparse.Namespace) -> dict:
-    """One caller, sequential. The in-process run, the tensor in the message and the tensor in shared memory take
-    turns request by request against one server (defaults plus ``--allow-client-shm``), so the machine's drift
-    falls on all three alike; ``--max-queue-delay-ms 0`` gets a server of its own."""
+    """One caller, sequential. The in-process run, the tensor in the message, the tensor in shared memory (one server:
+    defaults plus ``--allow-client-shm``) and a bare echo server given each of the two requests take turns request by
+    request, so the machine's drift falls on all five alike; ``--max-queue-delay-ms 0`` gets a server of its own."""
     results: dict = {}
     for model in MODELS:
         local = OnnxModel(args.model_repo / model / "1" / "model.onnx", RuntimeOptions())

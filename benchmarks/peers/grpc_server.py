@@ -1,11 +1,12 @@
 """A plain grpcio server: what a user writes instead of adopting a serving framework, and the floor under any
 gRPC server in Python.
 
-gRPC's own quickstart pattern: ``grpc.server(ThreadPoolExecutor(max_workers=16))`` with one handler per
-method, each request run through ``common.Pipeline`` on its own (decode, one ``session.run`` of one image,
-post-process) in the pool thread that received it. No batching, no request checks beyond the decoder's, no
-metrics, no limits. It speaks Optic's ``optic.v1.Vision`` ``Classify`` / ``Detect`` (the same request bytes
-and answer fields as Optic, so the runner builds and reads them the same way).
+gRPC's own quickstart pattern: ``grpc.server(ThreadPoolExecutor(max_workers=16))`` with a handler for the
+served model's method, each request run through ``common.Pipeline`` on its own (decode, one ``session.run`` of
+one image, post-process) in the pool thread that received it. No batching, no metrics, no limits; the only
+check is "one encoded image". It speaks Optic's ``optic.v1.Vision`` ``Classify`` / ``Detect``: the same
+request bytes, and the answer fields the runner compares (``results[0]``'s classes or detections; Optic's
+answers also carry ``model_version``, the image's size and, for Classify, a copy of the first result).
 
 Run: ``PEER_MODEL=classifier python grpc_server.py --port 8104`` (binds 127.0.0.1 only).
 """
