@@ -36,9 +36,10 @@ IN_DISTRIBUTION_SIZE = 300
 
 
 # config.pbtxt written beside default models that batch better below --max-batch-size. onnxruntime's cost per image
-# rises with batch size for these models on CPU (benchmarks/peers/bound.py: classifier 2.49 / 2.73 / 3.14 ms at
-# batch 1 / 12 / 32); at 64 callers, batches of 8 served more than batches of 32 in two alternating rounds each
-# (classifier 194.8 / 189.2 vs 184.0 / 168.0 img/s, detector 57.0 / 60.7 vs 56.0 / 58.7; docs/benchmarks.md). The
+# rises with batch size for the classifier and detector on CPU (benchmarks/peers/bound.py, 2026-11-26: classifier
+# 2.65 / 2.87 / 3.10 ms, detector 11.70 / 12.46 / 13.27 ms at batch 1 / 12 / 32); at 64 callers, batches of 8
+# served more than batches of 32 in two alternating rounds each (classifier 194.8 / 189.2 vs 184.0 / 168.0 img/s,
+# detector 57.0 / 60.7 vs 56.0 / 58.7; docs/benchmarks.md). The
 # segmenter serves as many images in batches of 8 with half the memory: alone, 64 callers, 640x480 JPEGs, 2 cores,
 # 4 alternating rounds, 46.0-48.0 vs 44.7-47.8 img/s, p99 1.43-1.52 vs 1.81-1.86 s, peak RSS 786-794 vs
 # 1,734-1,804 MB (two lanes each hold a batch's activations at 256x256 per image).
