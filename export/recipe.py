@@ -44,17 +44,22 @@ IN_DISTRIBUTION_SIZE = 300
 # 4 alternating rounds, 46.0-48.0 vs 44.7-47.8 img/s, p99 1.43-1.52 vs 1.81-1.86 s, peak RSS 786-794 vs
 # 1,734-1,804 MB (two lanes each hold a batch's activations at 256x256 per image).
 # The captioner's two parts run one batch at a time (the server's default is two on 2+ CPU cores: a narrow lane
-# beside the wide run). Its pipeline is bound by the Python decoding loop, not by onnxruntime, and a second encoder
-# or decoder batch beside the first cost throughput at 64 callers in every round (benchmarks/lanes.py: 0.96 / 0.96
-# with lanes on both parts, 0.87 / 0.93 on the encoder alone), where the CNNs gained 1.17-1.38.
+# beside the wide run): a second encoder or decoder batch beside the first cost throughput at 64 callers in every
+# round (benchmarks/lanes.py: 0.96 / 0.96 with lanes on both parts, 0.87 / 0.93 on the encoder alone), where the CNNs
+# gained 1.17-1.38. Each run takes one thread (Triton's intra_op_thread_count): at 64 callers on 2 cores the server's
+# threads took 1.82 cores (encoder runs 0.92, image decoding 0.33, the event loop 0.28, decoder steps 0.27), and
+# a run's second intra-op thread waited for the others at every kernel. 3 alternating rounds: 235 / 235 / 236
+# captions/s against 216 / 194 / 207 with two threads, lone p50 the same (9.3-9.6 ms).
 SERVING_CONFIG = {
     entry: "# Under load, run batches of 8 (Triton's preferred_batch_size): cheaper per image on CPU than 32.\n"
     "dynamic_batching { preferred_batch_size: [ 8 ] }\n"
     for entry in ("classifier", "detector", "segmenter")
 } | {
-    entry: "# One batch at a time: the caption decoding loop, not onnxruntime, bounds this pipeline, and a second\n"
-    "# batch beside the first (the narrow lane) served fewer captions per second (docs/operations.md).\n"
+    entry: "# One batch at a time, on one thread: under load the cores also decode images and run the decoding\n"
+    "# loop, and a second batch beside the first (the narrow lane) or a second thread in a run served fewer\n"
+    "# captions per second on 2 cores (docs/model-repository.md). On more cores, --workers scales it out.\n"
     "instance_group [ { count: 1 } ]\n"
+    'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
     for entry in ("captioner_encoder", "captioner_decoder")
 }
 

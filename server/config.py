@@ -198,6 +198,24 @@ def effective(
     return cfg
 
 
+def intra_op_threads(config: mc.ModelConfig, name: str, cap: int) -> int:
+    """Threads each run of the model uses, from Triton's onnxruntime-backend parameter ``intra_op_thread_count``
+    (0 or absent: the server's choice). Capped at ``cap``, the threads the server would give a run (its cores, or
+    ``--intra-op-threads``), with a word: a repository written on a bigger machine still serves, and a config
+    (one a client sent with RepositoryModelLoad too) cannot make a run spawn more threads than the server would."""
+    if "intra_op_thread_count" not in config.parameters:
+        return 0
+    text = config.parameters["intra_op_thread_count"].string_value.strip()
+    if not re.fullmatch(r"\d{1,6}", text):
+        raise ConfigError(f"parameters intra_op_thread_count must be a whole number of threads, not {text[:32]!r}")
+    threads = int(text)
+    if threads > cap:
+        log.warning("%s: parameters intra_op_thread_count %d is above this server's %d; %d used", name, threads, cap,
+                    cap)  # fmt: skip
+        return cap
+    return threads
+
+
 def batching_of(cfg: mc.ModelConfig) -> tuple[BatchingConfig, float | None, bool]:
     """Scheduler settings from an effective config: (batching, queue timeout in s or None, reject on timeout)."""
     db = cfg.dynamic_batching

@@ -36,7 +36,7 @@ from optic.server.metadata import MODEL_NAME, ModelMeta
 from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
 from optic.server.outputs import OutputMismatch, check_outputs
 from optic.server.overrides import LoadOverride
-from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec
+from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
 from optic.server.scheduler import BatchingConfig, DynamicBatcher, SlotExecutor, Tensors
 from optic.server.tensors import DATATYPES
 
@@ -274,7 +274,12 @@ class ModelRepository:
     def _build_version(
         self, name: str, version: str, path: Path, file: cfgmod.FileConfig, model_dir: Path, ticket: _Ticket
     ) -> ServedModel:
-        runtime = ticket.track(OnnxModel(path, self.runtime_options))
+        options = self.runtime_options
+        cap = options.intra_op_threads or options.cores or default_threads()
+        threads = cfgmod.intra_op_threads(file.config, name, cap)
+        if threads:
+            options = replace(options, intra_op_threads=threads)
+        runtime = ticket.track(OnnxModel(path, options))
         effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, self.defaults)
         batching, timeout, reject = cfgmod.batching_of(effective)
         batching = replace(batching, adaptive=self.defaults.batching.adaptive)  # a server policy, not in config.pbtxt
@@ -287,7 +292,7 @@ class ModelRepository:
             layout = check_outputs(meta, shapes, f"model {name!r}")
         except OutputMismatch as exc:
             raise cfgmod.ConfigError(str(exc)) from None
-        if self.runtime_options.intra_op_threads == 0 and batching.instances > 1:
+        if options.intra_op_threads == 0 and batching.instances > 1:
             # A batch alone runs on all the cores; batches that run beside it share them (runtime.open_narrow_lane).
             for lane in runtime.open_narrow_lane(max(1, runtime.threads // batching.instances), batching.instances):
                 self._warm_up(ticket.track(lane), effective, model_dir, image_hw)

@@ -224,8 +224,12 @@ def test_a_preferred_size_above_the_servers_cap_is_ignored_with_a_word(tmp_path)
         ("version_policy: { specific { versions: [ 4 ] } }", "version(s) [4] that are not on disk"),
         ("max_batch_size: 4 dynamic_batching { preferred_batch_size: [ 16 ] }", "preferred_batch_size [16]"),
         ("max_batch_size: {", "config.pbtxt"),
+        (
+            'parameters { key: "intra_op_thread_count" value: { string_value: "-2" } }',
+            "intra_op_thread_count must be a whole number of threads, not '-2'",
+        ),
     ],
-    ids=["name", "negative-batch", "datatype", "dims", "versions", "preferred", "syntax"],
+    ids=["name", "negative-batch", "datatype", "dims", "versions", "preferred", "syntax", "threads"],
 )
 def test_bad_config_fails_only_that_model(tmp_path, config, reason):
     srv = start_server(tmp_path, repo=_repo(tmp_path, config=config, extra=("segmenter",)))
@@ -374,7 +378,8 @@ def test_metrics_are_labelled_by_model_and_version(configured):
 
 def test_the_default_repository_ships_the_export_stages_serving_configs(server):
     """model_repo's config.pbtxt files are what ``optic export`` writes (no drift), and the server applies them: the
-    captioner's parts run one batch at a time, the CNNs get the default two lanes where there are 2+ cores."""
+    captioner's parts run one batch at a time on one thread, the CNNs get the default two lanes where there are 2+
+    cores."""
     from optic.export.recipe import SERVING_CONFIG
     from optic.server.runtime import default_instances, default_threads
 
@@ -389,8 +394,15 @@ def test_the_default_repository_ships_the_export_stages_serving_configs(server):
             name: client.get_model_config(name, as_json=True)["config"]["dynamic_batching"].get("preferred_batch_size")
             for name in ("classifier", "detector", "segmenter")
         }
+        threads = {
+            name: client.get_model_config(name, as_json=True)["config"].get("parameters", {})
+            for name in ("captioner_encoder", "captioner_decoder", "classifier")
+        }
     lanes = default_instances(default_threads())
     assert counts == {"captioner_encoder": 1, "captioner_decoder": 1, "classifier": lanes, "segmenter": lanes}
+    # The captioner's runs take one thread each (applied: test_a_config_sets_its_models_threads_capped_at_the_servers).
+    one = {"intra_op_thread_count": {"string_value": "1"}}
+    assert threads == {"captioner_encoder": one, "captioner_decoder": one, "classifier": {}}
     # The CNNs gather batches of 8 under load: cheaper per image than 32, and half the segmenter's peak memory.
     assert preferred == {"classifier": [8], "detector": [8], "segmenter": [8]}
 
@@ -416,6 +428,40 @@ def _explicit_repo(tmp_path: Path, on_change=None) -> ModelRepository:
         startup_models=(),
         on_change=on_change,
     )
+
+
+def _threads_config(threads: str) -> str:
+    return f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}'
+
+
+@pytest.mark.parametrize(("threads", "cores", "expected"), [("1", 2, 1), ("3", 4, 3), ("64", 2, 2), ("0", 2, 0)])
+def test_a_config_sets_its_models_threads_capped_at_the_servers(tmp_path, caplog, threads, cores, expected):
+    """Triton's onnxruntime-backend parameter: every run of the model uses that many threads and no narrow lane
+    opens beside it (the default captioner runs on one: docs/model-repository.md). More than the server would give
+    a run is capped, with a word; 0 leaves the server's choice (two lanes on 2+ cores)."""
+    repo = ModelRepository(
+        _repo(tmp_path, config=_threads_config(threads)),
+        RuntimeOptions(cores=cores),
+        BatchingConfig(instances=2),
+        control_mode="explicit",
+        startup_models=(),
+    )
+
+    async def scenario() -> None:
+        await repo.load("classifier")
+        model = repo.get("classifier")
+        if expected:
+            assert model.runtime.threads == expected and model.runtime.narrow == []
+        else:
+            assert model.runtime.threads == cores and [m.threads for m in model.runtime.narrow] == [cores // 2]
+        x = _images(2)
+        got = await asyncio.gather(*(model.batcher.infer({"images": x[i : i + 1]}) for i in range(2)))
+        np.testing.assert_allclose(np.concatenate([g["logits"] for g in got]), _expected(x), atol=1e-4)
+        await repo.close()
+
+    asyncio.run(scenario())
+    capped = f"intra_op_thread_count {threads} is above this server's {cores}; {cores} used"
+    assert (capped in caplog.text) == (int(threads) > cores)
 
 
 def test_an_unloaded_model_is_released_without_waiting_for_the_cyclic_collector(tmp_path):
