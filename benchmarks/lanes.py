@@ -14,9 +14,12 @@ each round, alternating the two servers, this measures over the Vision API (640x
     .venv/bin/python benchmarks/lanes.py --server-cores 0-7 --load-cores 8-15 --workers 4  # a bigger machine
     .venv/bin/python benchmarks/lanes.py --in-process --out benchmarks/results/lanes.json   # onnxruntime alone
     .venv/bin/python benchmarks/lanes.py --memory --out benchmarks/results/lanes.json       # the default repository
+    .venv/bin/python benchmarks/lanes.py --captioner-threads --rounds 3 --out benchmarks/results/lanes.json
 
 A model whose ``config.pbtxt`` sets ``instance_group`` (the default captioner's parts: count 1) ignores
-``--instances``: its two variants are then the same server.
+``--instances``: its two variants are then the same server. ``--captioner-threads`` measures what those parts'
+config does set instead: one thread per run (``intra_op_thread_count: 1``) against the server's choice (``0``: all
+the cores), one batch at a time in both, in copies of the repository that differ only in that value.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +54,8 @@ from optic.server.runtime import OnnxModel, RuntimeOptions  # noqa: E402
 
 REPOSITORY_MODELS = {"captioner": ["captioner_encoder", "captioner_decoder"]}  # what serves each name
 VARIANTS = {"one batch at a time": ["--instances", "1"], "lanes (default)": []}
+THREADS = re.compile(r'(key: "intra_op_thread_count" value: \{ string_value: )"\d+"')
+CAPTIONER_THREADS = {"all cores per run": "0", "one thread per run (shipped)": "1"}  # the first is the base
 
 
 def figures(url: str, model: str, payloads: tuple[str, list[bytes]], args: argparse.Namespace, **load_: Any) -> dict:
@@ -147,6 +153,46 @@ def memory(args: argparse.Namespace) -> dict:
     return out
 
 
+def captioner_repositories(source: Path) -> dict[str, Path]:
+    """Copies of the captioner's two parts (models linked, configs rewritten), one per ``CAPTIONER_THREADS``."""
+    root = Path(tempfile.mkdtemp(prefix="optic-captioner-threads-"))
+    repos = {}
+    for name, threads in CAPTIONER_THREADS.items():
+        repo = root / f"threads-{threads}"
+        for part in REPOSITORY_MODELS["captioner"]:
+            (repo / part / "1").mkdir(parents=True)
+            (repo / part / "1" / "model.onnx").symlink_to((source / part / "1" / "model.onnx").resolve())
+            text, found = THREADS.subn(rf'\g<1>"{threads}"', (source / part / "config.pbtxt").read_text())
+            if found != 1:
+                raise SystemExit(f"{part}/config.pbtxt does not set intra_op_thread_count once: nothing to compare")
+            (repo / part / "config.pbtxt").write_text(text)
+        repos[name] = repo
+    return repos
+
+
+def captioner_threads(args: argparse.Namespace) -> dict:
+    """Alternating rounds of the captioner on one thread per run and on all the cores (the base)."""
+    if args.load_cores:
+        os.sched_setaffinity(0, cpu_list(args.load_cores))
+    payloads = load.payloads(bench.BenchConfig(url="", api="vision", model="captioner", task="caption"))
+    repos = captioner_repositories(args.model_repo)
+    runs: list[dict] = []
+    for rnd in range(args.rounds):
+        half: float | None = None
+        for name, repo in repos.items():  # the base first: its peak sets the half-load rate for both
+            fig = serve_and_measure(argparse.Namespace(**vars(args) | {"model_repo": repo}), "captioner", [],
+                                    payloads, half)  # fmt: skip
+            half = fig["half_load"]["rate"]
+            runs.append({"model": "captioner", "round": rnd, "variant": name, **fig})
+            r = runs[-1]
+            print(
+                f"round {rnd} {name:30s} c64 {r['c64']['img_s']:6.1f} captions/s p99 {r['c64']['p99_ms']:5.0f}"
+                f" | c1 p50 {r['c1']['p50_ms']:5.2f} | half load ({half:.0f}/s) p99 {r['half_load']['p99_ms']:6.1f}",
+                flush=True,
+            )
+    return {"runs": runs, "summary": summarise(runs, list(CAPTIONER_THREADS), "c64_img_s_to_all_cores")}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.load_cores:
         os.sched_setaffinity(0, cpu_list(args.load_cores))
@@ -168,15 +214,15 @@ def run(args: argparse.Namespace) -> dict:
                     f" | start {r['start_s']:.1f} s",
                     flush=True,
                 )
-    return {"runs": runs, "summary": summarise(runs)}
+    return {"runs": runs, "summary": summarise(runs, list(VARIANTS))}
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """Medians per model and variant, and the lanes' ratios over one batch at a time paired by round."""
+def summarise(runs: list[dict], variants: list[str], ratio_key: str = "c64_img_s_to_one_at_a_time") -> list[dict]:
+    """Medians per model and variant, and each variant's ratios over the first (the base) paired by round."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in runs):
-        base = {r["round"]: r for r in runs if r["model"] == model and r["variant"] == "one batch at a time"}
-        for name in VARIANTS:
+        base = {r["round"]: r for r in runs if r["model"] == model and r["variant"] == variants[0]}
+        for name in variants:
             mine = [r for r in runs if r["model"] == model and r["variant"] == name]
 
             def med(path: tuple[str, ...], rows_: list[dict] = mine) -> float:
@@ -193,9 +239,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                         ("c1", "p99_ms"), ("half_load", "p50_ms"), ("half_load", "p99_ms"), ("rss_idle_mb",),
                         ("rss_peak_mb",), ("start_s",)):  # fmt: skip
                 row["_".join(key)] = med(key)
-            row["c64_img_s_to_one_at_a_time"] = statistics.median(
-                r["c64"]["img_s"] / base[r["round"]]["c64"]["img_s"] for r in mine
-            )
+            row[ratio_key] = statistics.median(r["c64"]["img_s"] / base[r["round"]]["c64"]["img_s"] for r in mine)
             row["half_load_p99_to_lone_p99"] = med(("half_load", "p99_ms")) / med(("c1", "p99_ms"))
             rows.append(row)
     return rows
@@ -216,6 +260,7 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="with --memory: which servers")
     p.add_argument("--label", default="this build", help="with --memory: the key its figures go under")
     p.add_argument("--in-process", action="store_true", help="only onnxruntime, no server (added to --out's JSON)")
+    p.add_argument("--captioner-threads", action="store_true", help="only the captioner's threads (added to --out)")
     p.add_argument("--no-half-load", action="store_true", help="skip the open-loop run (a quicker check)")
     p.add_argument("--out", type=Path, help="write JSON here")
     args = p.parse_args()
@@ -233,6 +278,17 @@ def main() -> int:
         if args.out:
             merged = json.loads(args.out.read_text()) if args.out.exists() else {}
             args.out.write_text(json.dumps(merged | {"in_process": data}, indent=1, default=str) + "\n")
+        return 0
+    if args.captioner_threads:
+        data = {
+            "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("log_dir", "model_repo")},
+            **captioner_threads(args),
+        }
+        print(json.dumps(data["summary"], indent=1))
+        if args.out:
+            merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+            args.out.write_text(json.dumps(merged | {"captioner_threads": data}, indent=1, default=str) + "\n")
         return 0
     result = {
         "benchmark": "lanes",
