@@ -187,6 +187,9 @@ def effective(
         if group.count < 0 or group.count > 64:
             raise ConfigError(f"instance_group count must be 1 to 64, not {group.count}")
         group.count = group.count or 1
+    total = sum(g.count for g in cfg.instance_group)
+    if total > 64:  # one slot thread each: a config sent with RepositoryModelLoad must not ask for thousands
+        raise ConfigError(f"instance_group counts add up to {total}; a model may run at most 64 batches at once")
     if not cfg.version_policy.WhichOneof("policy_choice"):
         cfg.version_policy.latest.num_versions = 1
     for warm in cfg.model_warmup:
@@ -206,7 +209,7 @@ def intra_op_threads(config: mc.ModelConfig, name: str, cap: int) -> int:
     if "intra_op_thread_count" not in config.parameters:
         return 0
     text = config.parameters["intra_op_thread_count"].string_value.strip()
-    if not re.fullmatch(r"\d{1,6}", text):
+    if not re.fullmatch(r"[0-9]{1,6}", text):
         raise ConfigError(f"parameters intra_op_thread_count must be a whole number of threads, not {text[:32]!r}")
     threads = int(text)
     if threads > cap:

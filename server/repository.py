@@ -277,10 +277,14 @@ class ModelRepository:
         options = self.runtime_options
         cap = options.intra_op_threads or options.cores or default_threads()
         threads = cfgmod.intra_op_threads(file.config, name, cap)
+        defaults = self.defaults
         if threads:
             options = replace(options, intra_op_threads=threads)
+            # As with --intra-op-threads: one batch at a time unless the file says otherwise, since two runs on
+            # one session of N threads would oversubscribe the cores.
+            defaults = replace(defaults, batching=replace(defaults.batching, instances=1))
         runtime = ticket.track(OnnxModel(path, options))
-        effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, self.defaults)
+        effective = cfgmod.effective(file, name, runtime.inputs, runtime.outputs, runtime.batchable, defaults)
         batching, timeout, reject = cfgmod.batching_of(effective)
         batching = replace(batching, adaptive=self.defaults.batching.adaptive)  # a server policy, not in config.pbtxt
         meta = ModelMeta.from_props(runtime.metadata_props)

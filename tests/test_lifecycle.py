@@ -228,8 +228,9 @@ def test_a_preferred_size_above_the_servers_cap_is_ignored_with_a_word(tmp_path)
             'parameters { key: "intra_op_thread_count" value: { string_value: "-2" } }',
             "intra_op_thread_count must be a whole number of threads, not '-2'",
         ),
+        ("instance_group [ { count: 40 }, { count: 40 } ]", "instance_group counts add up to 80"),
     ],
-    ids=["name", "negative-batch", "datatype", "dims", "versions", "preferred", "syntax", "threads"],
+    ids=["name", "negative-batch", "datatype", "dims", "versions", "preferred", "syntax", "threads", "slots"],
 )
 def test_bad_config_fails_only_that_model(tmp_path, config, reason):
     srv = start_server(tmp_path, repo=_repo(tmp_path, config=config, extra=("segmenter",)))
@@ -434,14 +435,19 @@ def _threads_config(threads: str) -> str:
     return f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}'
 
 
-@pytest.mark.parametrize(("threads", "cores", "expected"), [("1", 2, 1), ("3", 4, 3), ("64", 2, 2), ("0", 2, 0)])
-def test_a_config_sets_its_models_threads_capped_at_the_servers(tmp_path, caplog, threads, cores, expected):
-    """Triton's onnxruntime-backend parameter: every run of the model uses that many threads and no narrow lane
-    opens beside it (the default captioner runs on one: docs/model-repository.md). More than the server would give
-    a run is capped, with a word; 0 leaves the server's choice (two lanes on 2+ cores)."""
+@pytest.mark.parametrize(
+    ("threads", "cores", "flag", "expected"),
+    [("1", 2, 0, 1), ("3", 4, 0, 3), ("64", 2, 0, 2), ("2", 4, 1, 1), ("0", 2, 0, 0)],
+    ids=["one", "three-of-four", "capped-at-cores", "capped-at-flag", "servers-choice"],
+)
+def test_a_config_sets_its_models_threads_capped_at_the_servers(tmp_path, caplog, threads, cores, flag, expected):
+    """Triton's onnxruntime-backend parameter: every run of the model uses that many threads, no narrow lane opens
+    and, unless the file has an instance_group, it runs one batch at a time, as with --intra-op-threads (the
+    default captioner runs on one: docs/model-repository.md). More than the server would give a run (its cores,
+    or --intra-op-threads) is capped, with a word; 0 leaves the server's choice (two lanes on 2+ cores)."""
     repo = ModelRepository(
         _repo(tmp_path, config=_threads_config(threads)),
-        RuntimeOptions(cores=cores),
+        RuntimeOptions(cores=cores, intra_op_threads=flag),
         BatchingConfig(instances=2),
         control_mode="explicit",
         startup_models=(),
@@ -452,16 +458,19 @@ def test_a_config_sets_its_models_threads_capped_at_the_servers(tmp_path, caplog
         model = repo.get("classifier")
         if expected:
             assert model.runtime.threads == expected and model.runtime.narrow == []
+            assert model.batching.instances == 1
         else:
             assert model.runtime.threads == cores and [m.threads for m in model.runtime.narrow] == [cores // 2]
+            assert model.batching.instances == 2
         x = _images(2)
         got = await asyncio.gather(*(model.batcher.infer({"images": x[i : i + 1]}) for i in range(2)))
         np.testing.assert_allclose(np.concatenate([g["logits"] for g in got]), _expected(x), atol=1e-4)
         await repo.close()
 
     asyncio.run(scenario())
-    capped = f"intra_op_thread_count {threads} is above this server's {cores}; {cores} used"
-    assert (capped in caplog.text) == (int(threads) > cores)
+    cap = flag or cores
+    capped = f"intra_op_thread_count {threads} is above this server's {cap}; {cap} used"
+    assert (capped in caplog.text) == (int(threads) > cap)
 
 
 def test_an_unloaded_model_is_released_without_waiting_for_the_cyclic_collector(tmp_path):
