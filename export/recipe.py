@@ -48,8 +48,8 @@ IN_DISTRIBUTION_SIZE = 300
 # round (benchmarks/lanes.py: 0.96 / 0.96 with lanes on both parts, 0.87 / 0.93 on the encoder alone), where the CNNs
 # gained 1.17-1.38. Each run takes one thread (Triton's intra_op_thread_count): at 64 callers on 2 cores the server's
 # threads took 1.82 cores (encoder runs 0.92, image decoding 0.33, the event loop 0.28, decoder steps 0.27), and
-# a run's second intra-op thread waited for the others at every kernel. 3 alternating rounds: 235 / 235 / 236
-# captions/s against 216 / 194 / 207 with two threads, lone p50 the same (9.3-9.6 ms).
+# a run's second intra-op thread waited for the others at every kernel. benchmarks/lanes.py --captioner-threads,
+# 3 alternating rounds: 235 vs 217 captions/s at 64 callers (1.09x), 7.19 vs 8.18 CPU-ms per caption.
 SERVING_CONFIG = {
     entry: "# Under load, run batches of 8 (Triton's preferred_batch_size): cheaper per image on CPU than 32.\n"
     "dynamic_batching { preferred_batch_size: [ 8 ] }\n"
