@@ -36,7 +36,7 @@ from optic.server.metadata import MODEL_NAME, ModelMeta
 from optic.server.metrics import MODEL_LOAD_FAILURES, MODEL_READY, ModelStats
 from optic.server.outputs import OutputMismatch, check_outputs
 from optic.server.overrides import LoadOverride
-from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec, default_threads
+from optic.server.runtime import OnnxModel, RuntimeOptions, TensorSpec
 from optic.server.scheduler import BatchingConfig, DynamicBatcher, SlotExecutor, Tensors
 from optic.server.tensors import DATATYPES
 
@@ -275,8 +275,7 @@ class ModelRepository:
         self, name: str, version: str, path: Path, file: cfgmod.FileConfig, model_dir: Path, ticket: _Ticket
     ) -> ServedModel:
         options = self.runtime_options
-        cap = options.intra_op_threads or options.cores or default_threads()
-        threads = cfgmod.intra_op_threads(file.config, name, cap)
+        threads = cfgmod.intra_op_threads(file.config, name, options.run_threads())
         defaults = self.defaults
         if threads:
             options = replace(options, intra_op_threads=threads)

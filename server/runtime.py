@@ -42,6 +42,10 @@ class RuntimeOptions:
     cuda_options: tuple[tuple[str, str], ...] = ()  # CUDAExecutionProvider options, e.g. ("device_id", "0")
     io_binding: bool | None = None  # None: on when the model runs on CUDA
 
+    def run_threads(self) -> int:
+        """Intra-op threads a run gets: ``intra_op_threads``, else ``cores``, else the cores this process may use."""
+        return self.intra_op_threads or self.cores or default_threads()
+
 
 Provider = str | tuple[str, dict[str, str]]
 
@@ -105,7 +109,7 @@ class OnnxModel:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # onnxruntime's own default counts the machine's physical cores, ignoring affinity and CPU quotas.
-        self.threads = options.intra_op_threads or options.cores or default_threads()
+        self.threads = options.run_threads()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
