@@ -257,6 +257,15 @@ def summarise(runs: list[dict], variants: list[str], ratio_key: str = "c64_img_s
     return rows
 
 
+def _read(out: Path) -> dict:
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
+def add_to(out: Path, key: str, data: Any) -> None:
+    """Set one key of ``--out``'s JSON, keeping the rest: each partial mode adds to the full run's file."""
+    out.write_text(json.dumps(_read(out) | {key: data}, indent=1, default=str) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repo", type=Path, default=ROOT / "model_repo")
@@ -281,15 +290,12 @@ def main() -> int:
     if args.memory:
         data = memory(args)
         if args.out:
-            merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-            merged.setdefault("memory", {})[args.label] = data
-            args.out.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+            add_to(args.out, "memory", {**_read(args.out).get("memory", {}), args.label: data})
         return 0
     if args.in_process:
         data = {m: in_process(args.model_repo, m, args.seconds / 2) for m in args.models.split(",") if m != "captioner"}
         if args.out:
-            merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-            args.out.write_text(json.dumps(merged | {"in_process": data}, indent=1, default=str) + "\n")
+            add_to(args.out, "in_process", data)
         return 0
     if args.captioner_threads:
         data = {
@@ -299,8 +305,7 @@ def main() -> int:
         }
         print(json.dumps(data["summary"], indent=1))
         if args.out:
-            merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-            args.out.write_text(json.dumps(merged | {"captioner_threads": data}, indent=1, default=str) + "\n")
+            add_to(args.out, "captioner_threads", data)
         return 0
     result = {
         "benchmark": "lanes",
