@@ -387,18 +387,18 @@ def test_the_default_repository_ships_the_export_stages_serving_configs(server):
     shipped = {p.parent.name: p.read_text() for p in MODEL_REPO.glob("*/config.pbtxt")}
     assert shipped == SERVING_CONFIG
     with tc.InferenceServerClient(server.url) as client:
-        counts = {
-            name: client.get_model_config(name, as_json=True)["config"]["instance_group"][0]["count"]
-            for name in ("captioner_encoder", "captioner_decoder", "classifier", "segmenter")
-        }
-        preferred = {
-            name: client.get_model_config(name, as_json=True)["config"]["dynamic_batching"].get("preferred_batch_size")
-            for name in ("classifier", "detector", "segmenter")
-        }
-        threads = {
-            name: client.get_model_config(name, as_json=True)["config"].get("parameters", {})
-            for name in ("captioner_encoder", "captioner_decoder", "classifier")
-        }
+        served = {name: client.get_model_config(name, as_json=True)["config"] for name in shipped}
+    counts = {
+        name: served[name]["instance_group"][0]["count"]
+        for name in ("captioner_encoder", "captioner_decoder", "classifier", "segmenter")
+    }
+    preferred = {
+        name: served[name]["dynamic_batching"].get("preferred_batch_size")
+        for name in ("classifier", "detector", "segmenter")
+    }
+    threads = {
+        name: served[name].get("parameters", {}) for name in ("captioner_encoder", "captioner_decoder", "classifier")
+    }
     lanes = default_instances(default_threads())
     assert counts == {"captioner_encoder": 1, "captioner_decoder": 1, "classifier": lanes, "segmenter": lanes}
     # The captioner's runs take one thread each (applied: test_a_config_sets_its_models_threads_capped_at_the_servers).
