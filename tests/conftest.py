@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -61,7 +62,34 @@ def metric_values(text: str, sample: str, **labels: str) -> list[float]:
     ]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_PORTS = random.Random()  # its own generator: a test that seeds ``random`` must not make the picks repeat
+
+
 def free_port() -> int:
+    """A loopback port free now, from below the kernel's ephemeral range.
+
+    A port that ``bind(0)`` hands out is ephemeral: in the second it takes the server to start, any outgoing
+    connection (a test's own client included) may take it as its source port, and the server's bind fails.
+    That happened in CI. Ports below the range are never handed out that way, so only another listener can
+    take one, and :func:`start_server` retries that case.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(200 if low > 2048 else 0):  # no room below a range that starts low: the kernel's choice
+        port = _PORTS.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -100,9 +128,32 @@ class RunningServer:
 
 
 def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_port: bool = False) -> RunningServer:
-    """``health_port``: also open the plaintext health-only port and wait on it (for TLS or token servers)."""
-    grpc_port, metrics_port = free_port(), free_port()
-    hp = free_port() if health_port else 0
+    """``health_port``: also open the plaintext health-only port and wait on it (for TLS or token servers).
+
+    A port taken between the pick and the server's bind (the server exits 2 saying so) is picked again, up to
+    three times; any other exit is the test's failure.
+    """
+    for attempt in range(3):
+        try:
+            return _start_server(log_dir, extra, repo, health_port)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_server(log_dir: Path, extra: tuple[str, ...], repo: Path, health_port: bool) -> RunningServer:
+    grpc_port = free_port()
+    metrics_port = free_port()
+    while metrics_port == grpc_port:
+        metrics_port = free_port()
+    hp = 0
+    while health_port and hp in (0, grpc_port, metrics_port):
+        hp = free_port()
     log_path = log_dir / f"server-{grpc_port}.log"
     cmd = [
         sys.executable,
@@ -134,7 +185,10 @@ def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_por
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"optic serve exited with {proc.returncode}:\n{server.log()}")
+            log = server.log()
+            taken = "cannot listen on" in log and "in use" in log
+            kind = PortTaken if proc.returncode == 2 and taken else RuntimeError
+            raise kind(f"optic serve exited with {proc.returncode}:\n{log}")
         try:
             if server.health() == health_pb2.HealthCheckResponse.SERVING:
                 return server
