@@ -130,6 +130,32 @@ def test_serve_on_a_port_in_use_says_so_in_one_line():
     assert "Traceback" not in done.stderr
 
 
+def test_the_tests_own_server_start_picks_again_when_its_port_is_taken(tmp_path, monkeypatch):
+    """The harness, not the server: a port taken between the pick and the server's bind (CI saw it) costs a
+    retry, not a failed module; ports are picked below the kernel's ephemeral range, where no outgoing
+    connection takes them."""
+    from tests import conftest
+
+    low, _ = conftest._ephemeral_range()
+    assert all(conftest.free_port() < low for _ in range(20))
+    picks: list[int] = []
+    pick = conftest.free_port
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        # The first server's metrics port (the second pick) is one another process holds.
+        monkeypatch.setattr(conftest, "free_port", lambda: picks.append(1) or (taken if len(picks) == 2 else pick()))
+        srv = conftest.start_server(tmp_path)
+    try:
+        assert len(picks) >= 4 and taken not in (srv.grpc_port, srv.metrics_port)
+        assert srv.health() == 1
+    finally:
+        assert srv.stop() == 0
+    logs = sorted(tmp_path.glob("server-*.log"))
+    assert any("in use" in log.read_text() for log in logs), [log.read_text()[-300:] for log in logs]
+
+
 # ---------------------------------------------------------------- optic bench
 
 
