@@ -551,6 +551,56 @@ def test_mask_pixels_and_answer_size_are_checked_before_decoding(budget_server):
 # ---------------------------------------------------------------- 8. decode is fair
 
 
+def test_the_pools_turns_put_a_newcomer_ahead_of_whoever_just_started_but_no_further():
+    """The order in which :class:`FairExecutor` starts jobs, with a real pool of 2 threads (one per connection
+    at a time) and jobs held until released: what a big call's images do to small calls beside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optic.server.tasks.fair import FairExecutor
+
+    started: list[str] = []
+    gates: dict[str, threading.Event] = {}
+
+    def job(name: str) -> str:
+        started.append(name)
+        gates[name].wait(10)
+        return name
+
+    async def scenario() -> list[str]:
+        pool = ThreadPoolExecutor(2)
+        fair = FairExecutor(pool, 2)
+        tasks: dict[str, asyncio.Task[str]] = {}
+
+        async def submit(name: str, call: str, conn: str = "conn") -> None:
+            gates[name] = threading.Event()
+            tasks[name] = asyncio.create_task(fair.run(call, job, name, connection=conn))
+            await asyncio.sleep(0.1)  # the pool's thread has started the next job
+
+        async def finish(name: str) -> None:
+            gates[name].set()
+            await tasks[name]
+            await asyncio.sleep(0.1)  # the pool's thread has started the next job
+
+        for i in range(1, 5):  # one call, four images, on one connection: one at a time (its share)
+            await submit(f"big{i}", "big")
+        await submit("small1", "small1")  # a second call on that connection, while big1 runs
+        await finish("big1")  # small1 next, not big2 (it queued behind big, which had just started)
+        await finish("small1")
+        await submit("small2", "small2")
+        await submit("small3", "small3")  # two newcomers while big2 runs: both ahead of big, in their order
+        for name in ("big2", "small2", "small3"):
+            await finish(name)
+        await submit("small4", "small4")  # arrives while big3 runs: ahead of big4
+        await submit("other", "other", conn="other")  # another connection: the second worker, at once
+        for name in ("big3", "small4", "big4", "other"):
+            await finish(name)
+        pool.shutdown()
+        return started
+
+    order = asyncio.run(scenario())
+    assert order == ["big1", "small1", "big2", "small2", "small3", "big3", "other", "small4", "big4"], order
+
+
 def grey16_png(width: int, height: int) -> bytes:
     plane = (np.arange(width * height, dtype=np.uint32) % 65536).astype(np.uint16).reshape(height, width)
     buf = io.BytesIO()
@@ -561,7 +611,7 @@ def grey16_png(width: int, height: int) -> bytes:
 def test_a_call_of_huge_images_cannot_starve_small_calls(tmp_path):
     repo = copy_models(tmp_path / "repo", "classifier")
     srv = start_server(tmp_path, "--max-call-pixels", "200000000", repo=repo)
-    big = grey16_png(8000, 5000)  # 40 M pixels
+    big = grey16_png(6000, 5000)  # 30 M pixels: ~0.7 s each to decode and resize here
     victim = encode(np.asarray(Image.fromarray(make_scenes(1, seed=9)[0].image).resize((640, 480))), "JPEG")
     try:
         with grpc.insecure_channel(srv.url, options=[("grpc.max_send_message_length", 1 << 28)]) as ch:
@@ -570,7 +620,9 @@ def test_a_call_of_huge_images_cannot_starve_small_calls(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Classify(pb.ClassifyRequest(model="classifier", images=[pb.Image(data=big)] * 64), timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-call-pixels" in err.value.details()
-            # 4 of them (within the budget) keep a worker busy for seconds; small calls still get the other.
+            # 4 of them (within the budget) keep a worker busy for seconds. That is the connection's share of the
+            # pool, so small calls on it take turns with the big one: each waits for the image being decoded at
+            # most, not for the next one too (the order is tested above, step by step).
             heavy = stub.Classify.future(
                 pb.ClassifyRequest(model="classifier", images=[pb.Image(data=big)] * 4), timeout=120
             )

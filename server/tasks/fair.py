@@ -33,7 +33,13 @@ class FairExecutor:
     of the connection whose turn it is, from the call whose turn it is there.
 
     Two levels because either alone can be gamed: per call, one client with many concurrent calls gets a turn
-    for each of them; per connection alone, every client behind one proxy connection would share one turn."""
+    for each of them; per connection alone, every client behind one proxy connection would share one turn.
+
+    A newcomer (call or connection) goes ahead of the one whose job started last, if that one still has jobs
+    waiting: it has just had its turn. Appended behind it instead, a small call waited for two of a big call's
+    images, not one (1.5-2 s for one 640x480 JPEG behind 40-megapixel PNGs, where one image takes 0.9 s). It
+    goes ahead of that one only: whoever arrives after the next start queues behind it, so nobody waits more
+    than a round however many newcomers arrive."""
 
     def __init__(self, executor: Executor, workers: int) -> None:
         self._executor = executor
@@ -43,13 +49,23 @@ class FairExecutor:
         self._share = max(1, workers // 2)
         self._active: dict[object, int] = {}
         self._queues: OrderedDict[object, OrderedDict[object, deque[_Job]]] = OrderedDict()
+        # Whose job started last, among the connections and among each connection's calls.
+        self._last_conn: object = None
+        self._last_call: dict[object, object] = {}
 
     async def run(self, caller: object, fn: Callable[..., T], *args: Any, connection: object = None) -> T:
         """Run ``fn(*args)`` in the pool when the turn of ``connection`` (default: the caller itself) and, within
         it, of ``caller`` (one call) comes."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         conn = caller if connection is None else connection
-        self._queues.setdefault(conn, OrderedDict()).setdefault(caller, deque()).append((fn, args, future))
+        if conn not in self._queues:
+            self._queues[conn] = OrderedDict()
+            _ahead_of(self._queues, self._last_conn)
+        calls = self._queues[conn]
+        if caller not in calls:
+            calls[caller] = deque()
+            _ahead_of(calls, self._last_call.get(conn))
+        calls[caller].append((fn, args, future))
         self._dispatch()
         return await future
 
@@ -71,7 +87,10 @@ class FairExecutor:
             else:
                 del self._queues[conn]
             if future.cancelled():
+                self._forget_if_idle(conn)
                 continue
+            self._last_conn = conn
+            self._last_call[conn] = caller
             self._free -= 1
             self._active[conn] = self._active.get(conn, 0) + 1
             work = loop.run_in_executor(self._executor, fn, *args)
@@ -82,6 +101,7 @@ class FairExecutor:
         self._active[conn] -= 1
         if not self._active[conn]:
             del self._active[conn]
+            self._forget_if_idle(conn)
         if not target.cancelled():
             if done.exception() is not None:
                 target.set_exception(done.exception())  # type: ignore[arg-type]
@@ -91,8 +111,23 @@ class FairExecutor:
             done.exception()  # observed: never "exception was never retrieved"
         self._dispatch()
 
+    def _forget_if_idle(self, conn: object) -> None:
+        """Nothing of ``conn`` running or waiting: drop what is kept on it, which would otherwise hold a call
+        object per connection ever seen."""
+        if conn not in self._queues and conn not in self._active:
+            self._last_call.pop(conn, None)
+            if self._last_conn == conn:
+                self._last_conn = None
+
 
 _Job = tuple[Callable[..., Any], tuple, "asyncio.Future[Any]"]
+
+
+def _ahead_of(order: OrderedDict[object, Any], last: object) -> None:
+    """The entry just added (at the end) goes ahead of ``last``, the one whose job started last, if it is still
+    waiting: moving ``last`` to the end puts it behind every newcomer since its start, in their order."""
+    if last is not None and last in order:
+        order.move_to_end(last)
 
 
 @dataclass(frozen=True)
