@@ -133,13 +133,12 @@ def start_server(log_dir: Path, *extra: str, repo: Path = MODEL_REPO, health_por
     A port taken between the pick and the server's bind (the server exits 2 saying so) is picked again, up to
     three times; any other exit is the test's failure.
     """
-    for attempt in range(3):
+    for _ in range(2):
         try:
             return _start_server(log_dir, extra, repo, health_port)
         except PortTaken:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return _start_server(log_dir, extra, repo, health_port)
 
 
 class PortTaken(RuntimeError):
@@ -147,13 +146,12 @@ class PortTaken(RuntimeError):
 
 
 def _start_server(log_dir: Path, extra: tuple[str, ...], repo: Path, health_port: bool) -> RunningServer:
-    grpc_port = free_port()
-    metrics_port = free_port()
-    while metrics_port == grpc_port:
-        metrics_port = free_port()
-    hp = 0
-    while health_port and hp in (0, grpc_port, metrics_port):
-        hp = free_port()
+    ports: list[int] = []
+    while len(ports) < 2 + health_port:  # distinct: a pick is free only until the server binds it
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    grpc_port, metrics_port = ports[:2]
+    hp = ports[2] if health_port else 0
     log_path = log_dir / f"server-{grpc_port}.log"
     cmd = [
         sys.executable,
