@@ -596,6 +596,8 @@ def test_the_pools_turns_put_a_newcomer_ahead_of_whoever_just_started_but_no_fur
         for name in ("big3", "small4", "big4", "other"):
             await finish(name)
         pool.shutdown()
+        # Nothing running or waiting: nothing kept (no call object per connection ever seen).
+        assert fair._last_call == {} and fair._last_conn is None and not fair._queues and not fair._active
         return started
 
     order = asyncio.run(scenario())
